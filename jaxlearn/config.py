@@ -1,0 +1,360 @@
+"""Typed, frozen run configuration: YAML recipes plus dotted command-line overrides.
+
+A recipe is a YAML mapping with up to seven blocks (model, data, objective, peft, optim,
+mesh, train). Every key is checked against the dataclasses below: an unknown key is an error
+that suggests the nearest valid key, a wrong type is an error that names the key and the type
+expected. Example::
+
+    cfg = load_config("configs/pretrain_shakespeare.yaml", ["optim.lr=3e-4", "train.steps=50"])
+    cfg.optim.lr  # 0.0003
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 704
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_style: Literal["rotate_half", "interleaved"] = "rotate_half"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    init_std: float = 0.02
+    # auto: jax.nn.dot_product_attention (fused kernels) on GPU/TPU, the einsum path on CPU
+    attention: Literal["auto", "xla", "dot_product_attention"] = "auto"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def param_count(self) -> int:
+        """Number of parameters (embedding counted once when tied)."""
+        hd = self.resolved_head_dim
+        attn = self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.d_model * self.d_ff
+        layer = attn + mlp + 2 * self.d_model
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return self.vocab_size * self.d_model + self.n_layers * layer + self.d_model + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul params + causal attention (fwd+bwd)."""
+        hd = self.resolved_head_dim
+        matmul_params = self.n_layers * (
+            self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * self.d_model * self.d_ff
+        ) + self.vocab_size * self.d_model  # the LM head is a matmul even when tied
+        # QK^T and AV: 2 matmuls x 2 FLOPs x seq x heads x head_dim per token, forward; x3 for
+        # fwd+bwd. Causal masking halves the useful work (the PaLM/MaxText convention counts it
+        # at half).
+        attn = 3 * 2 * 2 * seq_len * self.n_heads * hd * self.n_layers / 2
+        return 6.0 * matmul_params + attn
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes batches."""
+
+    source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds"] = "shakespeare"
+    paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord; tfds data_dir
+    text_field: str = "text"  # jsonl/parquet/tfds field holding the document text
+    tfds_name: str = ""  # registered TFDS builder name (source: tfds)
+    eval_fraction: float = 0.05  # share of documents held out when a source has no natural split
+    tokenizer: str = ""  # path to a SentencePiece .model; empty: train one into the run dir
+    tokenizer_vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 8  # global batch, split over hosts and devices
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes; 0 keeps everything in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """The loss. `lm`: masked next-token cross-entropy (pretraining, SFT)."""
+
+    type: Literal["lm"] = "lm"
+    z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting (PaLM)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Which parameters train. `none`: full or partial fine-tuning by path pattern."""
+
+    type: Literal["none"] = "none"
+    trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths such as `layers/attn/q/kernel`
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup + decay, clipping and in-step gradient accumulation."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # microbatches per step, accumulated inside the compiled step
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: a preset over the named axes (data, fsdp, tensor). -1 fills the rest."""
+
+    preset: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
+    data: int = -1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: tuple[tuple[str, Any], ...] = ()  # extra (logical axis, mesh axes) pairs, override the preset
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, logging, evaluation, checkpoints, samples."""
+
+    steps: int = 200
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
+    eval_batches: int = 8
+    save_every: int = 100  # 0: only the final checkpoint
+    keep_checkpoints: int = 3
+    best_metric: str = ""  # e.g. "eval_loss": keep the best by this metric too
+    async_checkpoint: bool = True
+    resume: bool = False
+    sample_prompts: tuple[str, ...] = ("ROMEO:",)
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    progress: bool = True
+    stop_after: int = 0  # testing aid: exit (as if killed) after this many steps; 0: off
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    peft: PeftConfig = PeftConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not allowed; use one of {', '.join(map(repr, args))}.{hint}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not fit {' | '.join(_type_name(a) for a in args)}.")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis and isinstance(value, str):
+                value = [value]  # a single string where a list is expected: the common typo
+            else:
+                raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}.")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value))) if args else tuple(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}.")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}.")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys for {cls.__name__}, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+            raise ConfigError(
+                f"unknown key '{_join(where, key)}'.{hint} Valid keys here: {', '.join(fields)}."
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, _join(where, key))
+        else:
+            kwargs[key] = _coerce(value, tp, _join(where, key))
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a block.")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `["optim.lr=3e-4", "train.steps=10"]` into a nested dict (values parsed as YAML).
+
+    >>> parse_overrides(["optim.lr=3e-4"])
+    {'optim': {'lr': '3e-4'}}
+    """
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (for example optim.lr=3e-4).")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict, where: str = "") -> Config:
+    """Build a checked `Config` from a plain nested dict (as read from YAML)."""
+    return _build(Config, data, where)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML recipe, apply dotted overrides, and type-check everything.
+
+    >>> cfg = load_config(None, ["train.steps=3"])
+    >>> cfg.train.steps
+    3
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} does not exist. Pass the path of a YAML file, e.g. configs/pretrain_shakespeare.yaml.")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"recipe {p} is not valid YAML ({loc.strip() or 'unknown place'}): "
+                              f"{getattr(e, 'problem', e)}. Fix the indentation or quoting there.") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {p} is not UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {p} must be a YAML mapping of blocks (model:, data:, ...), got {type(data).__name__}.")
+    data = _merge(data, parse_overrides(list(overrides)))
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        src = f"recipe {path}" if path else "overrides"
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+
+    def conv(x):
+        if isinstance(x, tuple):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

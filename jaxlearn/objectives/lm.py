@@ -1,0 +1,49 @@
+"""Masked next-token cross-entropy: the objective of pretraining and SFT.
+
+An objective is a function `(params, batch, rng) -> (loss_sum, weight, metric_sums)`; the
+step divides sums by the total weight over all microbatches, so gradient accumulation gives
+exactly the full-batch mean. Example::
+
+    objective = make_lm_objective(model, ObjectiveConfig())
+    loss_sum, n_tokens, _ = objective(params, batch, rng)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlearn.config import ObjectiveConfig
+
+Objective = Callable[[dict, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+
+
+def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-partition (both [B, T], float32)."""
+    logits = logits_btv.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def make_lm_objective(model, cfg: ObjectiveConfig) -> Objective:
+    """Next-token loss over `batch["loss_mask"]`-selected targets."""
+
+    def objective(params, batch, rng):
+        del rng  # no dropout in the base model
+        logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        ce, log_z = token_cross_entropy(logits, batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        loss = ce + cfg.z_loss * jnp.square(log_z) if cfg.z_loss else ce
+        return jnp.sum(loss * mask), jnp.sum(mask), {"ce": jnp.sum(ce * mask)}
+
+    return objective
+
+
+def make_objective(model, cfg: ObjectiveConfig) -> Objective:
+    """The objective named by `cfg.type`."""
+    if cfg.type == "lm":
+        return make_lm_objective(model, cfg)
+    raise ValueError(f"objective.type {cfg.type!r} is not implemented; available: lm.")

@@ -1,0 +1,168 @@
+"""Device meshes, logical-axis rules as data, and the helpers that turn names into shardings.
+
+Every weight and key activation in jaxlearn is annotated with *logical* axis names drawn from a
+small closed vocabulary. A preset's rules map those names onto the mesh axes
+`("data", "fsdp", "tensor")`. Changing how a model is sharded means changing a table, never
+the model code. Example::
+
+    mesh = make_mesh(MeshConfig(preset="fsdp"))            # all devices on the fsdp axis
+    rules = rules_for(MeshConfig(preset="fsdp"))
+    spec = logical_to_spec(("embed", "mlp"), rules)         # PartitionSpec('fsdp', None)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxlearn.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameter axes: vocab, embed, mlp, heads, kv_heads, head_dim, layers, norm.
+# Activation axes are prefixed `act_` so a weight's `embed` can be sharded (FSDP) while the
+# activation's `act_embed` stays whole on each device.
+LOGICAL_AXES = (
+    "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm",
+    "act_batch", "act_seq", "act_embed", "act_mlp", "act_heads", "act_kv_heads", "act_vocab",
+    "act_cache_seq",
+)
+
+Rules = tuple[tuple[str, Any], ...]
+
+# The presets. A logical axis missing from a table is replicated.
+PRESET_RULES: dict[str, Rules] = {
+    # Pure data parallel: weights replicated, the batch split over every device.
+    "dp": (
+        ("act_batch", ("data", "fsdp")),
+    ),
+    # ZeRO-3 style: weights and optimizer state sharded along `embed`, gathered per layer.
+    "fsdp": (
+        ("act_batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+    ),
+    # FSDP across one axis, Megatron-style tensor parallel across `tensor`: heads, the FFN
+    # inner dimension and the vocabulary split; one all-reduce after attention and after the FFN.
+    "fsdp_tp": (
+        ("act_batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_vocab", "tensor"),
+    ),
+}
+
+
+def rules_for(cfg: MeshConfig) -> Rules:
+    """The preset's rules with the recipe's overrides in front (first match wins)."""
+    extra = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.rules)
+    for name, _ in extra:
+        if name not in LOGICAL_AXES:
+            raise ValueError(f"mesh.rules: unknown logical axis {name!r}; known axes: {', '.join(LOGICAL_AXES)}.")
+    return extra + PRESET_RULES[cfg.preset]
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Resolve -1 entries so the product equals `n_devices`.
+
+    dp puts every device on `data`; fsdp and fsdp_tp fill `fsdp` first.
+
+    >>> mesh_shape(MeshConfig(preset="fsdp_tp", tensor=2), 8)
+    {'data': 1, 'fsdp': 4, 'tensor': 2}
+    """
+    shape = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    if cfg.preset == "dp":
+        shape["fsdp"] = 1 if shape["fsdp"] == -1 else shape["fsdp"]
+        shape["tensor"] = 1 if shape["tensor"] == -1 else shape["tensor"]
+    else:
+        shape["data"] = 1 if shape["data"] == -1 else shape["data"]
+    free = [k for k, v in shape.items() if v == -1]
+    fixed = int(np.prod([v for v in shape.values() if v != -1]))
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {free}.")
+    if free:
+        if n_devices % fixed:
+            raise ValueError(f"mesh: {n_devices} devices do not divide by the fixed axes {shape} (product {fixed}).")
+        shape[free[0]] = n_devices // fixed
+    if int(np.prod(list(shape.values()))) != n_devices:
+        raise ValueError(f"mesh: shape {shape} needs {int(np.prod(list(shape.values())))} devices, have {n_devices}. "
+                         "Set mesh.data/fsdp/tensor so their product is the device count, or use -1 for one of them.")
+    return shape
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the mesh over `devices` (default: all), axes in `MESH_AXES` order."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    dims = tuple(shape[a] for a in MESH_AXES)
+    try:  # topology-aware device order on TPU/GPU
+        arr = mesh_utils.create_device_mesh(dims, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):  # CPU and unusual shapes: plain order is fine
+        arr = np.asarray(devices).reshape(dims)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules) -> P:
+    """Map logical axis names to a PartitionSpec. A mesh axis is used at most once per spec."""
+    if axes is None:
+        return P()
+    table: dict[str, Any] = {}
+    for name, target in rules:
+        table.setdefault(name, target)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used)
+        used.update(names)
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return P(*out)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None] | None, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules))
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, rules: Rules) -> Any:
+    """A tree of NamedShardings from a tree of logical-axis tuples (leaves are tuples or None)."""
+    return jax.tree.map(lambda a: named_sharding(mesh, a, rules), logical_tree,
+                        is_leaf=lambda x: x is None or (isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)))
+
+
+class ShardingContext:
+    """What the model needs to constrain activations: the mesh and the rules, passed explicitly.
+
+    `None` in place of a context means "no constraints" (single device, tests).
+    """
+
+    def __init__(self, mesh: Mesh, rules: Rules):
+        self.mesh = mesh
+        self.rules = rules
+
+    def __hash__(self):
+        return hash((self.mesh, self.rules))
+
+    def __eq__(self, other):
+        return isinstance(other, ShardingContext) and self.mesh == other.mesh and self.rules == other.rules
+
+    def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, axes, self.rules))
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Sharding of a [batch, ...] host batch: split on the batch axes, rest replicated."""
+        return named_sharding(self.mesh, ("act_batch",) + (None,) * (ndim - 1), self.rules)
+
+
+def constrain(ctx: ShardingContext | None, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; identity when there is no context."""
+    return x if ctx is None else ctx.constrain(x, axes)

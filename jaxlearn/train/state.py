@@ -1,0 +1,84 @@
+"""`TrainState`: everything a step reads and writes, as one pytree, created in its shardings.
+
+Example::
+
+    setup = build_state(model, cfg, mesh, rules, total_steps=100)
+    setup.state.step  # 0, with params already laid out over the mesh
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxlearn.config import Config
+from jaxlearn.models.transformer import Transformer, abstract_params, fresh_params
+from jaxlearn.peft.filter import merge_params, split_params
+from jaxlearn.sharding import Rules, tree_shardings
+from jaxlearn.train.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    trainable: Any  # differentiated, has optimizer state
+    frozen: Any  # no gradient, no optimizer state
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key, so checkpoints hold plain arrays
+
+    @property
+    def params(self) -> dict:
+        return merge_params(self.trainable, self.frozen)
+
+
+@dataclasses.dataclass
+class StateSetup:
+    """The state plus the static things built alongside it."""
+
+    state: TrainState
+    shardings: TrainState  # same structure, NamedSharding leaves
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    param_logical: Any  # logical axes of the full parameter tree
+
+
+def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, optimizer, abstract_trainable) -> TrainState:
+    """Shardings for every leaf of the state: params by their logical axes, optimizer moments
+    like the parameter they belong to, scalars replicated."""
+    param_sh = tree_shardings(mesh, param_logical, rules)
+    train_sh, frozen_sh = split_params(param_sh, patterns)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, train_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=replicated, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh, rng=replicated)
+
+
+def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total_steps: int,
+                params: Any | None = None) -> StateSetup:
+    """Create the initial state directly into its shardings (no unsharded copy on one device).
+
+    `params`, when given (an imported checkpoint), is used instead of a fresh init.
+    """
+    optimizer, schedule = make_optimizer(cfg.optim, total_steps)
+    abstract, logical = abstract_params(model)
+    patterns = list(cfg.peft.trainable)
+    abstract_trainable, _ = split_params(abstract, patterns)
+    shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable)
+
+    def create(key, given):
+        init_key, rng = jax.random.split(key)
+        full = given if given is not None else fresh_params(model, init_key)
+        trainable, frozen = split_params(full, patterns)
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                          opt_state=optimizer.init(trainable), rng=rng)
+
+    state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed), params)
+    return StateSetup(state, shardings, optimizer, schedule, logical)
