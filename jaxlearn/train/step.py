@@ -67,7 +67,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {
             "loss": total / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": weight,
             **{k: v / denom for k, v in sums.items()},

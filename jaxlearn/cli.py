@@ -1,0 +1,166 @@
+"""The `jaxlearn` command.
+
+    jaxlearn train configs/pretrain_shakespeare.yaml optim.lr=3e-4 train.steps=300
+    jaxlearn generate runs/shakespeare "ROMEO:" --max-new-tokens 100
+    jaxlearn eval runs/shakespeare
+    jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
+    jaxlearn data fetch shakespeare
+
+Known bad input (missing file, malformed YAML, unknown key, wrong type, empty or non-UTF-8
+data, a checkpoint from another model) prints one paragraph naming the problem and the fix,
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args) -> int:
+    from jaxlearn.config import load_config
+    from jaxlearn.train.loop import train
+
+    cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    train(cfg)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import jax
+
+    from jaxlearn.models.generate import SamplingConfig, generate
+    from jaxlearn.run import open_run
+
+    run = open_run(args.run, args.overrides)
+    tok = run.tokenizer
+    prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompts]
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
+    out = generate(run.model, run.params, prompts, sampling, jax.random.PRNGKey(args.seed))
+    for p, t in zip(args.prompts, out.tokens):
+        print(p + tok.decode(t))
+        print("-----")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from jaxlearn.data.pipeline import make_eval_batches
+    from jaxlearn.objectives.lm import make_objective
+    from jaxlearn.train.loop import evaluate
+    from jaxlearn.train.metrics import atomic_write_text
+    from jaxlearn.train.state import build_state
+    from jaxlearn.train.step import compile_eval_step
+    from jaxlearn.run import open_run
+    from jaxlearn.sharding import rules_for
+
+    run = open_run(args.run, args.overrides)
+    cfg = run.cfg
+    batches = make_eval_batches(cfg.data, run.tokenizer, args.batches or cfg.train.eval_batches)
+    shard = run.model.shard
+    setup = build_state(run.model, cfg, shard.mesh, rules_for(cfg.mesh), max(cfg.train.steps, 1), params=run.params)
+    eval_step = compile_eval_step(make_objective(run.model, cfg.objective), setup, shard.batch_sharding())
+    result = {"step": run.step, "data": cfg.data.source, **evaluate(eval_step, setup.state, batches, shard.batch_sharding())}
+    text = json.dumps(result, indent=2)
+    print(text)
+    atomic_write_text(Path(args.run) / "eval.json", text + "\n")
+    print(f"\n| step | data | held-out loss | perplexity | tokens |\n|---|---|---|---|---|\n"
+          f"| {run.step} | {cfg.data.source} | {result['loss']:.4f} | {result['perplexity']:.2f} | {int(result['tokens'])} |")
+    return 0
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from jaxlearn.config import DataConfig
+    from jaxlearn.data.sources import make_source
+    from jaxlearn.data.tokenizer import train_tokenizer
+
+    data = DataConfig(source=args.source, paths=tuple(args.paths), text_field=args.text_field)
+    source = make_source(data, "train")
+    out = Path(args.out)
+    prefix = out.with_suffix("") if out.suffix == ".model" else out
+    path = train_tokenizer((source[i] for i in range(len(source))), prefix, args.vocab_size)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data_fetch(args) -> int:
+    from jaxlearn.data.corpora import fetch_corpus
+
+    for name in args.names:
+        print(f"{name}: {fetch_corpus(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlearn", description="Train and align language models in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML recipe")
+    t.add_argument("recipe", help="YAML recipe, e.g. configs/pretrain_shakespeare.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    t.add_argument("--resume", action="store_true", help="continue the run in train.run_dir exactly")
+    t.set_defaults(fn=_cmd_train)
+
+    g = sub.add_parser("generate", help="sample from a trained run")
+    g.add_argument("run", help="run directory (train.run_dir)")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    g.set_defaults(fn=_cmd_generate)
+
+    e = sub.add_parser("eval", help="held-out loss and perplexity of a run's latest checkpoint")
+    e.add_argument("run")
+    e.add_argument("--batches", type=int, default=0, help="eval batches (default: train.eval_batches)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. data.source=brown")
+    e.set_defaults(fn=_cmd_eval)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tks = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tks.add_parser("train", help="train a SentencePiece BPE tokenizer")
+    tt.add_argument("--source", default="shakespeare", help="shakespeare, brown, text, jsonl, parquet, arrayrecord")
+    tt.add_argument("--paths", nargs="*", default=[], help="input files for file sources")
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--out", required=True, help="output path (.model)")
+    tt.set_defaults(fn=_cmd_tokenizer_train)
+
+    d = sub.add_parser("data", help="data tools")
+    ds = d.add_subparsers(dest="data_command", required=True)
+    df = ds.add_parser("fetch", help="download a real corpus into the cache (JAXLEARN_CACHE)")
+    df.add_argument("names", nargs="+", choices=["shakespeare", "brown"])
+    df.set_defaults(fn=_cmd_data_fetch)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, reported without a traceback."""
+    from jaxlearn.config import ConfigError
+    from jaxlearn.data import errors as data_errors
+    from jaxlearn.train.checkpoint import CheckpointMismatchError
+    from jaxlearn.train.loop import RunDirError
+
+    return (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError, data_errors.DataError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - known user errors get one paragraph, the rest a traceback
+        if isinstance(e, _user_errors()) or type(e) is ValueError:
+            print(f"jaxlearn {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

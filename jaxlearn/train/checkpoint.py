@@ -1,0 +1,143 @@
+"""Checkpoints: orbax CheckpointManager holding the whole TrainState plus the data iterator.
+
+A checkpoint holds params (trainable and frozen), optimizer state, step, RNG and the grain
+iterator position, so `--resume` continues exactly where the run stopped. orbax writes into a
+temporary directory and renames it when complete, so a run killed mid-save leaves no
+half-written checkpoint behind. Example::
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=3, async_save=True)
+    ckpt.save(step, state, data_iter, metrics={"eval_loss": 2.1})
+    state = ckpt.restore(ckpt.latest_step(), abstract_state, data_iter)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlearn.peft.filter import flat_paths
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for a different model or training setup."""
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings: orbax restores straight into them."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with jaxlearn's items and error messages."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
+                 best_metric: str = "", best_mode: str = "min"):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode=best_mode,
+            keep_checkpoints_without_metrics=False if best_metric else True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None = None, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if self.best_metric and (metrics is None or self.best_metric not in metrics):
+            metrics = None  # no metric yet: orbax keeps it only until a scored one exists
+        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def check_compatible(self, step: int, abstract_state: Any) -> None:
+        """Compare shapes with the checkpoint's metadata before restoring; explain a mismatch."""
+        try:
+            meta = self.manager.item_metadata(step)
+            saved = meta["state"] if meta is not None and "state" in meta else None
+        except Exception:  # metadata unreadable: let restore itself report
+            return
+        if saved is None:
+            return
+        saved_flat = _shapes(saved)
+        want_flat = _shapes(abstract_state)
+        problems = []
+        for path, shape in want_flat.items():
+            if path not in saved_flat:
+                problems.append(f"missing in checkpoint: {path} {shape}")
+            elif saved_flat[path] != shape:
+                problems.append(f"{path}: checkpoint {saved_flat[path]} vs this run {shape}")
+        extra = sorted(set(saved_flat) - set(want_flat))
+        problems += [f"not used by this run: {p} {saved_flat[p]}" for p in extra[:5]]
+        if problems:
+            listing = "\n  ".join(problems[:12])
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not fit this run's model/training setup:\n  {listing}\n"
+                "Use the same model, peft and optim blocks as the run that wrote it, or start a new run "
+                "in a fresh train.run_dir (or without train.resume=true).")
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+        """Restore `state` into the shardings of `abstract_state`; advance `data_iter` in place."""
+        self.check_compatible(step, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """Flat {path: shape} for a state tree or orbax metadata tree."""
+    if hasattr(tree, "__dataclass_fields__") or not isinstance(tree, dict):
+        tree = _to_dict(tree)
+    out = {}
+    for path, leaf in flat_paths(tree).items():
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out[path] = tuple(int(s) for s in shape)
+    return out
+
+
+def _to_dict(tree: Any) -> Any:
+    """A nested dict view of a pytree (dataclass/struct fields by name), for path listings."""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    out: dict = {}
+    for keypath, leaf in leaves_with_path:
+        node = out
+        names = [_key_name(k) for k in keypath]
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        node[names[-1] if names else "value"] = leaf
+    return out
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,27 @@
+"""Small shared builders for tests (tiny models and synthetic packed batches)."""
+
+import numpy as np
+
+from jaxlearn.config import ModelConfig
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0, n_docs: int = 1) -> dict:
+    """A packed batch: each row holds `n_docs` documents of equal length, positions restart per doc."""
+    rs = np.random.RandomState(seed)
+    seg = np.repeat(np.arange(1, n_docs + 1), seq // n_docs)
+    seg = np.pad(seg, (0, seq - len(seg)))  # trailing padding has segment 0
+    pos = np.concatenate([np.arange(seq // n_docs)] * n_docs)
+    pos = np.pad(pos, (0, seq - len(pos)))
+    return {
+        "inputs": rs.randint(1, vocab, (batch, seq)).astype(np.int32),
+        "targets": rs.randint(1, vocab, (batch, seq)).astype(np.int32),
+        "segment_ids": np.tile(seg, (batch, 1)).astype(np.int32),
+        "positions": np.tile(pos, (batch, 1)).astype(np.int32),
+        "loss_mask": np.tile(seg > 0, (batch, 1)).astype(np.float32),
+    }
