@@ -126,7 +126,7 @@ def corpus_documents(name: str, split: str, cache_dir: str | os.PathLike | None 
     """All documents of one split as strings (one play or one Brown text each).
 
     >>> docs = corpus_documents("shakespeare", "train")      # doctest: +SKIP
-    >>> len(docs), docs[0].splitlines()[0]
+    >>> len(docs), docs[0].splitlines()[0]                  # doctest: +SKIP
     (35, "A Midsummer Night's Dream")
     """
     return [p.read_text(encoding="utf-8") for p in corpus_files(name, split, cache_dir)]

@@ -103,7 +103,9 @@ def pretrain_dataset(
     Host `shard_index` of `shard_count` reads documents `shard_index::shard_count` (disjoint,
     together all of them) and yields `batch_size // shard_count` rows per batch.
     `num_epochs=None` repeats forever, each epoch in a new order; a final partial batch of a
-    finite run is dropped. `tokenizer` needs `encode`, `bos_id` and `eos_id`.
+    finite run is dropped. `tokenizer` needs `encode`, `bos_id` and `eos_id`. With
+    `num_workers` > 0, each grain worker process packs its own share of the documents, so the
+    stream is a different (equally deterministic and resumable) one than with 0 workers.
 
     >>> ds = pretrain_dataset(src, tok, seq_len=128, batch_size=8)    # doctest: +SKIP
     >>> next(iter(ds))["inputs"].shape                                # doctest: +SKIP

@@ -402,22 +402,54 @@ def held_out_mask(num_documents: int, eval_fraction: float) -> np.ndarray:
     return mask
 
 
-def split_source(source: Any, split: str, eval_fraction: float) -> SubsetSource:
+def split_source(source: Any, split: str, eval_fraction: float) -> Any:
     """The `train` or `eval` part of a source that has no natural split (see `held_out_mask`).
+
+    A source of a single document (one big `input.txt`) cannot be split by document; its
+    text is split instead: the last `eval_fraction` of its lines is held out (see
+    `TextTailSplit`).
 
     >>> len(split_source(src, "eval", 0.05))                        # doctest: +SKIP
     12
     """
+    if len(source) == 1 and eval_fraction > 0:
+        return TextTailSplit(source, split, eval_fraction)
     mask = held_out_mask(len(source), eval_fraction)
     indices = np.flatnonzero(mask if split == "eval" else ~mask)
     if split == "eval" and len(indices) == 0:
-        why = ("data.eval_fraction is 0" if eval_fraction == 0 else
-               f"it has only {len(source)} document(s) and the eval split needs one of at least two")
-        raise DataError(f"{source!r} has no held-out documents: {why}. Raise data.eval_fraction, add "
-                        f"documents (e.g. split a big file into several), or skip evaluation.")
+        raise DataError(f"{source!r} has no held-out documents: data.eval_fraction is 0. Set it above 0 "
+                        f"(e.g. data.eval_fraction=0.05) to hold out documents for evaluation.")
     if split == "train" and len(indices) == 0:
         raise DataError(f"{source!r}: every document is held out for eval; lower data.eval_fraction.")
     return SubsetSource(source, indices, name=split)
+
+
+class TextTailSplit:
+    """One split of a single-document source: `train` is its text up to the cut, `eval` after.
+
+    The cut is the first line break after `(1 - eval_fraction)` of the characters, so both
+    parts are whole lines (nanoGPT holds out the tail of `input.txt` the same way).
+
+    >>> TextTailSplit(["l1\\nl2\\nl3\\nl4\\n"], "eval", 0.25)[0]
+    'l4\\n'
+    """
+
+    def __init__(self, source: Any, split: str, eval_fraction: float):
+        self.source, self.split, self.eval_fraction = source, split, eval_fraction
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> str:
+        _check_index(index, 1)
+        text = self.source[0]
+        cut = int(len(text) * (1.0 - self.eval_fraction))
+        newline = text.find("\n", max(cut - 1, 0))
+        cut = newline + 1 if newline >= 0 else cut
+        return text[cut:] if self.split == "eval" else text[:cut]
+
+    def __repr__(self) -> str:
+        return f"TextTailSplit({self.split}, last {self.eval_fraction:g} held out, of {self.source!r})"
 
 
 def check_not_empty(source: Any, what: str) -> None:
@@ -442,7 +474,7 @@ def make_source(data_cfg: Any, split: str) -> Any:
 
     Shakespeare and Brown are fetched into the cache on first use and split by document
     (held-out plays / texts). File sources hold out `eval_fraction` of their documents by a
-    stable hash of the document index. TFDS uses the dataset's own `validation` (or `eval`,
+    stable hash of the document index (a single document: the tail of its text). TFDS uses the dataset's own `validation` (or `eval`,
     `test`) split when it has one, else holds out `eval_fraction` of `train`.
 
     >>> src = make_source(DataConfig(source="jsonl", paths=("a.jsonl",)), "train")  # doctest: +SKIP

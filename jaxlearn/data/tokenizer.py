@@ -3,7 +3,8 @@
 The models trained here are lossless: normalization is off (`identity`), whitespace is kept as
 is (no collapsing, no dummy prefix) and byte fallback turns any character the vocabulary lacks
 into its UTF-8 bytes, so `decode(encode(text)) == text` for every string, newlines included
-(a play script needs its line breaks). Special ids are fixed: pad 0, unk 1, bos 2, eos 3.
+(a play script needs its line breaks; each newline is a token of its own). Special ids are
+fixed: pad 0, unk 1, bos 2, eos 3.
 Example::
 
     path = train_tokenizer(["To be, or not to be"] * 100, "/tmp/tok", vocab_size=300)
@@ -169,6 +170,9 @@ def train_tokenizer(
             remove_extra_whitespaces=False,  # keep runs of spaces and newlines
             add_dummy_prefix=False,  # no phantom leading space: decode(encode(x)) == x
             allow_whitespace_only_pieces=True,  # indentation becomes a few tokens, not many
+            # A newline is always a token of its own: no piece like ":\n" that a prompt ending
+            # in "ROMEO:" could never produce, so prompts tokenize the way training text did.
+            user_defined_symbols=["\n"],
             split_digits=True,
             max_sentence_length=_MAX_SENTENCE_BYTES,
             input_sentence_size=0,  # we sampled already (deterministically)

@@ -17,7 +17,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlearn.peft.filter import flat_paths
@@ -47,7 +46,9 @@ class Checkpointer:
             keep_checkpoints_without_metrics=False if best_metric else True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front so metadata (shapes) can be read before a restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,14 +76,16 @@ class Checkpointer:
             return
         saved_flat = _shapes(saved)
         want_flat = _shapes(abstract_state)
+        is_param = lambda p: p.startswith(("trainable/", "frozen/"))  # noqa: E731
         problems = []
         for path, shape in want_flat.items():
-            if path not in saved_flat:
-                problems.append(f"missing in checkpoint: {path} {shape}")
-            elif saved_flat[path] != shape:
+            if path in saved_flat and saved_flat[path] != shape:
                 problems.append(f"{path}: checkpoint {saved_flat[path]} vs this run {shape}")
-        extra = sorted(set(saved_flat) - set(want_flat))
+            elif path not in saved_flat and is_param(path):
+                problems.append(f"missing in checkpoint: {path} {shape}")
+        extra = sorted(p for p in set(saved_flat) - set(want_flat) if is_param(p))
         problems += [f"not used by this run: {p} {saved_flat[p]}" for p in extra[:5]]
+        problems.sort(key=lambda p: not is_param(p.split(":")[0].replace("missing in checkpoint: ", "")))
         if problems:
             listing = "\n  ".join(problems[:12])
             raise CheckpointMismatchError(
@@ -137,7 +140,3 @@ def _key_name(k: Any) -> str:
         if hasattr(k, attr):
             return str(getattr(k, attr))
     return str(k)
-
-
-def to_numpy(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, tree)

@@ -244,7 +244,7 @@ def test_ensure_tokenizer_trains_once_then_reuses(tmp_path, monkeypatch, shakesp
 
 
 def test_grain_worker_processes(shakespeare_cfg, shakespeare_tokenizer):
-    cfg = dataclasses.replace(shakespeare_cfg, num_workers=2)
+    cfg = dataclasses.replace(shakespeare_cfg, num_workers=1)  # each worker costs a process start
     it = pipeline.make_train_iterator(cfg, shakespeare_tokenizer)
     take(it, 3)
     state = it.get_state()

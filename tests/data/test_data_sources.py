@@ -238,11 +238,22 @@ def test_empty_datasets(tmp_path):
         sources.make_source(cfg, "train")
 
 
+def test_single_document_is_split_by_its_tail(tmp_path):
+    lines = [f"line {i}\n" for i in range(100)]
+    (tmp_path / "input.txt").write_text("".join(lines))
+    cfg = DataConfig(source="text", paths=(str(tmp_path / "input.txt"),), eval_fraction=0.1)
+    train, held = sources.make_source(cfg, "train"), sources.make_source(cfg, "eval")
+    assert len(train) == len(held) == 1
+    assert train[0] + held[0] == "".join(lines)  # whole lines on both sides, nothing lost
+    assert held[0].startswith("line ") and 0.07 < len(held[0]) / len(train[0] + held[0]) < 0.11
+
+
 def test_no_eval_split(tmp_path):
-    (tmp_path / "one.txt").write_text("a single document")
-    cfg = DataConfig(source="text", paths=(str(tmp_path / "one.txt"),))
-    assert sources.make_source(cfg, "train")[0] == "a single document"
-    with pytest.raises(DataError, match="no held-out documents: it has only 1 document"):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i}")
+    cfg = DataConfig(source="text", paths=(str(tmp_path / "*.txt"),), eval_fraction=0.0)
+    assert len(sources.make_source(cfg, "train")) == 3
+    with pytest.raises(DataError, match="no held-out documents: data.eval_fraction is 0"):
         sources.make_source(cfg, "eval")
 
 
