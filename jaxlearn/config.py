@@ -160,7 +160,6 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     progress: bool = True
-    stop_after: int = 0  # testing aid: exit (as if killed) after this many steps; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
