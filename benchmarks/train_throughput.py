@@ -157,15 +157,23 @@ class Run:
     state: object = None
     batch: object = None
     times: list = dataclasses.field(default_factory=list)
+    cpu_times: list = dataclasses.field(default_factory=list)  # user + system CPU seconds of the process
+    page_faults: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
     info: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
 
-    def run_step(self) -> float:
+    def run_step(self, record: bool = False) -> float:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         self.state, metrics = self.step(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        if record:
+            self.times.append(dt)
+            self.cpu_times.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+            self.page_faults.append(r1.ru_minflt - r0.ru_minflt)
         self.losses.append(float(metrics["loss"]))
         return dt
 
@@ -218,7 +226,8 @@ def summarise(run: Run, peak_gflops: float) -> dict:
         achieved = run.info["model_flops_per_step"] / step_s / 1e9
         out.update(
             steps_timed=len(run.times), step_s_median=step_s, step_s_min=min(run.times), step_s_max=max(run.times),
-            step_times_s=run.times, tokens_per_s=tokens / step_s, model_gflops_per_s=achieved,
+            step_times_s=run.times, cpu_s_median=statistics.median(run.cpu_times),
+            minor_page_faults_median=statistics.median(run.page_faults), tokens_per_s=tokens / step_s, model_gflops_per_s=achieved,
             mfu=achieved / peak_gflops,
             xla_gflops_per_s=(run.info["xla_flops_per_step"] / step_s / 1e9) if run.info.get("xla_flops_per_step") else None,
             first_losses=run.losses[:3], last_loss=run.losses[-1] if run.losses else None,
@@ -245,18 +254,19 @@ def markdown(result: dict) -> str:
         f"Peak float32 matmul: **{peak['peak_gflops']:.1f} GFLOP/s** (max over shapes: "
         + ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['gflops']:.0f}" for r in peak["shapes"]) + ")",
         "",
-        "| variant | compile s | step s (median) | tokens/s | model GFLOP/s | MFU | model GFLOP/step "
+        "| variant | compile s | step s (median) | CPU s/step | tokens/s | model GFLOP/s | MFU | model GFLOP/step "
         "| XLA GFLOP/step | XLA temp MiB | max RSS MiB | loss step 0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["variants"]:
         if r.get("error") and not r.get("steps_timed"):
-            lines.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} |" + " |" * 10)
+            lines.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} |" + " |" * 11)
             continue
         mem = r.get("memory_analysis") or {}
         temp = mem.get("temp_size_in_bytes")
         lines.append(
             f"| {r['name']} | {_fmt(r.get('lower_compile_s'), '.1f')} | {_fmt(r.get('step_s_median'), '.3f')} "
+            f"| {_fmt(r.get('cpu_s_median'), '.2f')} "
             f"| {_fmt(r.get('tokens_per_s'), '.0f')} | {_fmt(r.get('model_gflops_per_s'), '.1f')} "
             f"| {_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}% "
             f"| {_fmt(r.get('model_flops_per_step') and r['model_flops_per_step'] / 1e9, '.1f')} "
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in live:
             for _ in range(n):
                 try:
-                    run.times.append(run.run_step())
+                    run.run_step(record=True)
                 except Exception:  # noqa: BLE001
                     run.error = traceback.format_exc()
                     log(f"  variant {run.name!r} failed while stepping:\n{run.error}")

@@ -53,6 +53,10 @@ class ModelConfig:
     init_std: float = 0.02
     # auto: jax.nn.dot_product_attention (fused kernels) on GPU/TPU, the einsum path on CPU
     attention: Literal["auto", "xla", "dot_product_attention"] = "auto"
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    # Start from pretrained weights: a preset name (smollm2-135m-instruct), a .gguf file or a
+    # Hugging Face safetensors directory; empty: random init. See jaxlearn/models/presets.py.
+    init_from: str = ""
 
     @property
     def resolved_head_dim(self) -> int:
@@ -63,7 +67,7 @@ class ModelConfig:
         hd = self.resolved_head_dim
         attn = self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.d_model * self.d_ff
-        layer = attn + mlp + 2 * self.d_model
+        layer = attn + mlp + 2 * self.d_model + (hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.vocab_size * self.d_model + self.n_layers * layer + self.d_model + head
 

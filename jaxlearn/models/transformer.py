@@ -14,6 +14,7 @@ Parameter paths (with `scan_layers`, every layer weight has a leading `layers` a
     layers/attn_norm/scale               [layers, embed]
     layers/attn/{q,k,v}/kernel           [layers, embed, heads|kv_heads, head_dim]
     layers/attn/o/kernel                 [layers, heads, head_dim, embed]
+    layers/attn/{q,k,v}_bias             [layers, heads|kv_heads, head_dim]   (only with qkv_bias)
     layers/mlp_norm/scale                [layers, embed]
     layers/mlp/{gate,up}/kernel          [layers, embed, mlp]
     layers/mlp/down/kernel               [layers, mlp, embed]
@@ -53,6 +54,12 @@ class Attention(nn.Module):
         q = proj((cfg.n_heads, hd), ("embed", "heads", "head_dim"), name="q")(x_btd)
         k = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x_btd)
         v = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x_btd)
+        if cfg.qkv_bias:  # Qwen2: biases on q/k/v only, added before RoPE
+            bias = lambda name, axes, n: self.param(  # noqa: E731
+                name, nn.with_logical_partitioning(nn.initializers.zeros, axes), (n, hd), pdt).astype(dt)
+            q = q + bias("q_bias", ("heads", "head_dim"), cfg.n_heads)
+            k = k + bias("k_bias", ("kv_heads", "head_dim"), cfg.n_kv_heads)
+            v = v + bias("v_bias", ("kv_heads", "head_dim"), cfg.n_kv_heads)
         q = constrain(self.shard, rope(q, positions_bt, cfg.rope_theta, cfg.rope_style),
                       ("act_batch", "act_seq", "act_heads", None))
         k = constrain(self.shard, rope(k, positions_bt, cfg.rope_theta, cfg.rope_style),

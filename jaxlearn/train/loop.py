@@ -165,6 +165,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
                 bar.update(len(pending))
+            elif is_main:
+                echo(f"step {done}/{tc.steps}: loss {last_loss:.4f}, {tps:,.0f} tokens/s")
             pending = []
             t_window = time.perf_counter()
         eval_now = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
@@ -173,8 +175,11 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
             ev = evaluate(eval_step, state, eval_batches, batch_sharding)
             log.write(done, "eval", **ev)
             final_eval = ev
+            line = f"step {done}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}"
             if bar is not None:
-                bar.write(f"step {done}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+                bar.write(line)
+            elif is_main:
+                echo(line)
             t_window = time.perf_counter()  # evaluation time is not training time
         if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
             ckpt.save(done, state, train_iter, metrics={f"eval_{k}": v for k, v in (ev or {}).items()},
