@@ -115,3 +115,16 @@ def test_non_utf8_text(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/latin1.txt]")
     assert "latin1.txt" in err and "UTF-8" in err
+
+
+def test_keep_latest_and_best_checkpoints(tmp_path, tokenizer):
+    run_dir = tmp_path / "best"
+    r = run_cli("train", RECIPE, *TINY, f"data.tokenizer={tokenizer}", f"train.run_dir={run_dir}", "train.steps=12",
+                "train.eval_every=2", "train.save_every=2", "train.keep_checkpoints=2",
+                "train.best_metric=eval_loss", "optim.lr=0.05")
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = {x["step"]: x["loss"] for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if x["split"] == "eval"}
+    best = sorted(sorted(evals, key=evals.get)[:2])
+    kept = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted(set(best) | {10, 12})

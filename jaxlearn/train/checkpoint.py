@@ -38,12 +38,16 @@ class Checkpointer:
                  best_metric: str = "", best_mode: str = "min"):
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        # Always keep the latest `keep` (resume needs the newest); with a best metric, also
+        # keep the `keep` best by it.
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if best_metric:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=keep,
+                keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            best_fn=(lambda m: m[best_metric]) if best_metric else None,
-            best_mode=best_mode,
-            keep_checkpoints_without_metrics=False if best_metric else True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=True,
         )
         # Handlers named up front so metadata (shapes) can be read before a restore.
