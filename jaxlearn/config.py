@@ -112,10 +112,29 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-    """Which parameters train. `none`: full or partial fine-tuning by path pattern."""
+    """Which parameters train, and which adapters are attached (see jaxlearn/peft/).
 
-    type: Literal["none"] = "none"
-    trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths such as `layers/attn/q/kernel`
+    `none`: full fine-tuning, or partial fine-tuning when `trainable` lists path regexes.
+    `lora`/`dora`/`ia3`/`adapter`: adapter leaves are attached next to the weights of the modules
+    matched by `targets`; only they train, plus whatever `trainable` adds (e.g. `lm_head`).
+    `prefix`/`prompt`: learned per-layer key/value prefixes, or a soft prompt, seen by every token.
+    """
+
+    type: Literal["none", "lora", "dora", "ia3", "adapter", "prefix", "prompt"] = "none"
+    # regexes over parameter paths such as `layers/attn/q/kernel` (re.search). For `none`, empty
+    # means everything trains; for adapter methods, extra parameters that train with the adapter.
+    trainable: tuple[str, ...] = ()
+    # regexes over module paths (`layers/attn/q`) where adapters attach; empty: the method's default
+    # (lora/dora: all attention and MLP projections; ia3: k, v, mlp/down; adapter: attn/o, mlp/down)
+    targets: tuple[str, ...] = ()
+    rank: int = 8  # lora/dora
+    alpha: float = 16.0  # lora/dora: scale alpha/rank
+    rslora: bool = False  # lora/dora: scale alpha/sqrt(rank) (rank-stabilised LoRA)
+    bottleneck: int = 64  # adapter: width of the down-projection
+    num_virtual_tokens: int = 16  # prefix/prompt: length of the learned prefix or soft prompt
+    prefix_hidden: int = 256  # prefix: width of the reparametrisation MLP used during training
+    init_text: str = ""  # prompt: initialise the soft prompt from this text's token embeddings
+    seed: int = 0  # adapter initialisation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Activation axes are prefixed `act_` so a weight's `embed` can be sharded (FSDP) while the
 # activation's `act_embed` stays whole on each device.
 LOGICAL_AXES = (
-    "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm",
+    "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm", "lora_rank", "adapter_dim",
     "act_batch", "act_seq", "act_embed", "act_mlp", "act_heads", "act_kv_heads", "act_vocab",
     "act_cache_seq",
 )

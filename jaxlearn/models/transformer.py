@@ -45,7 +45,7 @@ class Attention(nn.Module):
     shard: ShardingContext | None = None
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, layer_cache, cache_index):
+    def __call__(self, x_btd, positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, layer_cache, cache_index, prefix=None):
         cfg = self.cfg
         hd = cfg.resolved_head_dim
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
@@ -75,6 +75,14 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(dt), cv.astype(dt)
         mask = attention_mask(q_seg_bt, q_idx_bt, kv_seg_bs)
+        if prefix is not None:
+            # Prefix/prompt tuning: P extra keys/values (already in rotated, post-RoPE space)
+            # that every query sees; the real tokens' own keys, positions and mask are unchanged.
+            b, n_pre = k.shape[0], prefix["k"].shape[1]
+            pk = jnp.broadcast_to(prefix["k"].astype(k.dtype), (b,) + prefix["k"].shape[1:])
+            pv = jnp.broadcast_to(prefix["v"].astype(v.dtype), (b,) + prefix["v"].shape[1:])
+            k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (n_pre,), bool), mask], axis=-1)
         out = attend(q, k, v, mask, cfg.attention)
         out = constrain(self.shard, out, ("act_batch", "act_seq", "act_heads", None))
         # Output projections start smaller so the residual stream does not grow with depth (GPT-2).
@@ -103,12 +111,12 @@ class DecoderLayer(nn.Module):
     shard: ShardingContext | None = None
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, cache_index, layer_cache):
+    def __call__(self, x_btd, positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, cache_index, layer_cache, prefix=None):
         cfg = self.cfg
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype=dt, param_dtype=pdt, name=name)  # noqa: E731
         a, new_cache = Attention(cfg, self.shard, name="attn")(
-            norm("attn_norm")(x_btd), positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, layer_cache, cache_index)
+            norm("attn_norm")(x_btd), positions_bt, q_seg_bt, q_idx_bt, kv_seg_bs, layer_cache, cache_index, prefix)
         x = constrain(self.shard, x_btd + a, ("act_batch", "act_seq", "act_embed"))
         x = x + MLP(cfg, self.shard, name="mlp")(norm("mlp_norm")(x))
         x = constrain(self.shard, x, ("act_batch", "act_seq", "act_embed"))
@@ -136,7 +144,7 @@ class Transformer(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -154,10 +162,17 @@ class Transformer(nn.Module):
             return h, new_cache
         return self.logits(h), new_cache
 
-    def hidden(self, tokens_bt, positions_bt, segment_ids_bt, cache=None, cache_index=0):
-        """Final-norm hidden states [B, T, D] and the updated cache."""
+    def hidden(self, tokens_bt, positions_bt, segment_ids_bt, cache=None, cache_index=0, prefix=None):
+        """Final-norm hidden states [B, T, D] and the updated cache.
+
+        `prefix` ({"k", "v"}: [layers, B or 1, P, kv_heads, head_dim]) adds keys/values every
+        token sees; when None, it is derived from PEFT leaves (`prefix/kv`, `prefix/embedding`
+        with its MLP, or a soft `prompt`) if the parameters hold any.
+        """
         cfg = self.cfg
         b, t = tokens_bt.shape
+        if prefix is None:
+            prefix = self._peft_prefix(b)
         x = self.embed(tokens_bt)
         x = constrain(self.shard, x, ("act_batch", "act_seq", "act_embed"))
         if cache is None:
@@ -170,18 +185,63 @@ class Transformer(nn.Module):
                                                   (0, cache_index))
             layer_caches = {"k": cache["k"], "v": cache["v"]}
         if cfg.scan_layers:
-            x, stacked = self.layers(x, positions_bt, segment_ids_bt, q_idx, kv_seg, cache_index, layer_caches)
+            x, stacked = self.layers(x, positions_bt, segment_ids_bt, q_idx, kv_seg, cache_index, layer_caches,
+                                     prefix)
             new_layers = stacked
         else:
             outs = []
             for i, layer in enumerate(self.layers):
                 lc = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
-                x, nc = layer(x, positions_bt, segment_ids_bt, q_idx, kv_seg, cache_index, lc)
+                pre = None if prefix is None else jax.tree.map(lambda a: a[i], prefix)
+                x, nc = layer(x, positions_bt, segment_ids_bt, q_idx, kv_seg, cache_index, lc, pre)
                 outs.append(nc)
             new_layers = None if layer_caches is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
         h = self.final_norm(x)
         new_cache = None if cache is None else {**new_layers, "segment_ids": kv_seg}
         return h, new_cache
+
+    def _peft_prefix(self, batch: int) -> Cache | None:
+        """Per-layer prefix keys/values from PEFT leaves, or None (see jaxlearn/peft/prefix.py)."""
+        cfg = self.cfg
+        params = self.variables.get("params", {})
+        if "prefix" in params:
+            pre = params["prefix"]
+            if "kv" in pre:  # finalised prefix tuning: [layers, 2, P, kv_heads, head_dim]
+                kv = pre["kv"]
+            else:  # training-time reparametrisation: a small MLP maps P embeddings to all layers' K/V
+                h = jnp.tanh(linear(pre["embedding"], pre["mlp_in"]))
+                kv = linear(h, pre["mlp_out"]).reshape(
+                    pre["embedding"].shape[0], cfg.n_layers, 2, cfg.n_kv_heads, cfg.resolved_head_dim)
+                kv = kv.transpose(1, 2, 0, 3, 4)
+            return {"k": kv[:, 0][:, None], "v": kv[:, 1][:, None]}
+        if "prompt" in params:
+            # Prompt tuning: the soft prompt only attends to itself, so its per-layer keys/values do
+            # not depend on the input; compute them once (positions -P..-1, through the cache) and
+            # let every document see them, as if the prompt were prepended to each document.
+            soft = params["prompt"]["embedding"]  # [P, D]
+            n = soft.shape[0]
+            x = jnp.broadcast_to(soft.astype(self.embed.dtype), (batch, n, cfg.d_model))
+            pos = jnp.broadcast_to(jnp.arange(-n, 0), (batch, n))
+            seg = jnp.ones((batch, n), jnp.int32)
+            _, cache = self._layers_from_embeddings(x, pos, seg, init_cache(cfg, batch, n))
+            return {"k": cache["k"], "v": cache["v"]}
+        return None
+
+    def _layers_from_embeddings(self, x, positions_bt, segment_ids_bt, cache):
+        """Run the layer stack on embeddings into an empty cache (for the soft prompt)."""
+        b, t = segment_ids_bt.shape
+        q_idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+        layer_caches = {"k": cache["k"], "v": cache["v"]}
+        if self.cfg.scan_layers:
+            x, new_layers = self.layers(x, positions_bt, segment_ids_bt, q_idx, segment_ids_bt, 0, layer_caches, None)
+        else:
+            outs = []
+            for i, layer in enumerate(self.layers):
+                x, nc = layer(x, positions_bt, segment_ids_bt, q_idx, segment_ids_bt, 0,
+                              jax.tree.map(lambda a: a[i], layer_caches), None)
+                outs.append(nc)
+            new_layers = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, new_layers
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """LM head over hidden states, float32 logits [B, T, vocab]."""

@@ -24,6 +24,7 @@ from jaxlearn.data.pipeline import ensure_tokenizer, make_eval_batches, make_tra
 from jaxlearn.models.generate import SamplingConfig, generate
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.objectives.lm import make_objective
+from jaxlearn.peft.files import save_adapter
 from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
 from jaxlearn.train.checkpoint import Checkpointer, abstract_like
 from jaxlearn.train.metrics import MetricsLog, atomic_write_text
@@ -110,7 +111,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     rules = rules_for(cfg.mesh)
     shard = ShardingContext(mesh, rules)
     model = Transformer(cfg.model, shard)
-    setup = build_state(model, cfg, mesh, rules, tc.steps)
+    init_ids = tokenizer.encode(cfg.peft.init_text) if cfg.peft.type == "prompt" and cfg.peft.init_text else None
+    setup = build_state(model, cfg, mesh, rules, tc.steps, prompt_init_ids=init_ids)
     batch_sharding = shard.batch_sharding()
     objective = make_objective(model, cfg.objective)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
@@ -187,6 +189,10 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     if bar is not None:
         bar.close()
     ckpt.close()
+    if cfg.peft.type != "none" and is_main:
+        path = save_adapter(run_dir / "adapters", state.trainable, state.frozen, cfg.peft,
+                            recipe=config_to_dict(cfg), step=tc.steps)
+        echo(f"adapter saved: {path}")
 
     samples = []
     if tc.sample_prompts and is_main:

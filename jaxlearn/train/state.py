@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlearn.config import Config
 from jaxlearn.models.transformer import Transformer, abstract_params, fresh_params
+from jaxlearn.peft.attach import SEAM_METHODS, attach, attach_axes, find_sites, trainable_patterns
 from jaxlearn.peft.filter import merge_params, split_params
 from jaxlearn.sharding import Rules, tree_shardings
 from jaxlearn.train.optim import make_optimizer
@@ -62,23 +63,29 @@ def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, opti
 
 
 def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total_steps: int,
-                params: Any | None = None) -> StateSetup:
+                params: Any | None = None, prompt_init_ids: Any | None = None) -> StateSetup:
     """Create the initial state directly into its shardings (no unsharded copy on one device).
 
-    `params`, when given (an imported checkpoint), is used instead of a fresh init.
+    `params`, when given (an imported checkpoint), is used instead of a fresh init. PEFT
+    adapters from `cfg.peft` are attached and the tree is split by its trainable filter;
+    `prompt_init_ids` start a soft prompt from those tokens' embeddings (prompt tuning).
     """
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
-    abstract, logical = abstract_params(model)
-    patterns = list(cfg.peft.trainable)
+    base_abstract, base_logical = abstract_params(model)
+    sites = find_sites(base_abstract, base_logical, cfg.peft) if cfg.peft.type in SEAM_METHODS else []
+    peft_key = jax.random.PRNGKey(cfg.peft.seed)
+    abstract = jax.eval_shape(lambda p: attach(p, cfg.peft, sites, peft_key, prompt_init_ids), base_abstract)
+    logical = attach_axes(base_logical, cfg.peft, sites)
+    patterns = trainable_patterns(cfg.peft)
     abstract_trainable, _ = split_params(abstract, patterns)
     shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable)
 
     def create(key, given):
-        init_key, rng = jax.random.split(key)
-        full = given if given is not None else fresh_params(model, init_key)
+        full = given if given is not None else fresh_params(model, jax.random.fold_in(key, 0))
+        full = attach(full, cfg.peft, sites, peft_key, prompt_init_ids)
         trainable, frozen = split_params(full, patterns)
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                          opt_state=optimizer.init(trainable), rng=rng)
+                          opt_state=optimizer.init(trainable), rng=jax.random.fold_in(key, 1))
 
     state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed), params)
     return StateSetup(state, shardings, optimizer, schedule, logical)
