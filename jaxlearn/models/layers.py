@@ -72,7 +72,13 @@ def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 
     if "ia3_in" in adapters:
         x = x * adapters["ia3_in"].astype(x.dtype)
     y = linear(x, kernel, n_in)
-    if "lora_a" in adapters:
+    if "lora_a" in adapters and adapters["lora_a"].ndim == n_in + 2:
+        # Multi-adapter batch (jaxlearn/peft/multi.py): example b uses its own A[b], B[b], scale[b]
+        # (gather-by-index, as in Punica's BGMV), so one batch serves many adapters.
+        a, b_, scale = adapters["lora_a"], adapters["lora_b"], adapters["lora_scale"].astype(x.dtype)
+        delta = jax.vmap(lambda xb, ab, bb: linear(linear(xb, ab, n_in), bb))(x, a, b_)
+        y = y + delta * scale.reshape((-1,) + (1,) * (delta.ndim - 1))
+    elif "lora_a" in adapters:
         scale = adapters["lora_scale"].astype(x.dtype)
         y = y + linear(linear(x, adapters["lora_a"], n_in), adapters["lora_b"]) * scale
         if "dora_m" in adapters:
