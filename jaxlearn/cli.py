@@ -2,6 +2,8 @@
 
     jaxlearn train configs/pretrain_shakespeare.yaml optim.lr=3e-4 train.steps=300
     jaxlearn generate runs/shakespeare "ROMEO:" --max-new-tokens 100
+    jaxlearn generate --model smollm2-135m-instruct "What is the capital of France?"
+    jaxlearn convert smollm2-135m-instruct out/smollm2-hf
     jaxlearn eval runs/shakespeare
     jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
     jaxlearn data fetch shakespeare
@@ -34,6 +36,11 @@ def _cmd_generate(args) -> int:
     from jaxlearn.models.generate import SamplingConfig, generate
     from jaxlearn.run import open_run
 
+    if args.model:  # a pretrained model: every positional is a prompt
+        return _generate_pretrained(args, [args.run] + args.prompts)
+    if not args.prompts:
+        raise ValueError("give at least one prompt after the run directory, e.g. jaxlearn generate runs/x \"ROMEO:\"")
+    args.temperature = 0.8 if args.temperature is None else args.temperature
     run = open_run(args.run, args.overrides)
     tok = run.tokenizer
     prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompts]
@@ -43,6 +50,34 @@ def _cmd_generate(args) -> int:
     for p, t in zip(args.prompts, out.tokens):
         print(p + tok.decode(t))
         print("-----")
+    return 0
+
+
+def _generate_pretrained(args, prompts: list[str]) -> int:
+    import jax
+
+    from jaxlearn.models.generate import SamplingConfig
+    from jaxlearn.models.presets import generate_text, load_pretrained
+
+    pre = load_pretrained(args.model)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
+                              top_k=args.top_k, top_p=args.top_p)
+    answers = generate_text(pre, prompts, sampling, chat=not args.no_chat, system=args.system,
+                            rng=jax.random.PRNGKey(args.seed))
+    for p, a in zip(prompts, answers):
+        print(a if not args.no_chat else p + a)
+        print("-----")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from jaxlearn.models.hf import save_hf
+    from jaxlearn.models.presets import load_pretrained
+
+    pre = load_pretrained(args.source, strict=not args.allow_unused)
+    print(pre.report.summary())
+    out = save_hf(pre.params, pre.cfg, args.out, tokenizer=pre.tokenizer, dtype=args.dtype)
+    print(f"wrote {out} (config.json, model.safetensors{', tokenizer.json' if pre.tokenizer else ''})")
     return 0
 
 
@@ -103,16 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in train.run_dir exactly")
     t.set_defaults(fn=_cmd_train)
 
-    g = sub.add_parser("generate", help="sample from a trained run")
-    g.add_argument("run", help="run directory (train.run_dir)")
-    g.add_argument("prompts", nargs="+")
+    g = sub.add_parser("generate", help="sample from a trained run or a pretrained model (--model)")
+    g.add_argument("run", help="run directory (train.run_dir); with --model, the first prompt")
+    g.add_argument("prompts", nargs="*")
+    g.add_argument("--model", help="a preset (smollm2-135m-instruct), a .gguf file or a Hugging Face directory; "
+                                   "prompts are chat messages (greedy unless --temperature)")
+    g.add_argument("--no-chat", action="store_true", help="with --model: continue plain text, no chat template")
+    g.add_argument("--system", help="with --model: a system message")
     g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--temperature", type=float, default=None, help="default 0.8 for runs, 0 (greedy) for --model")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     g.set_defaults(fn=_cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a checkpoint (preset, .gguf, HF dir) to a Hugging Face directory")
+    c.add_argument("source", help="smollm2-135m-instruct, a .gguf file, or a Hugging Face directory")
+    c.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer files)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: keep float32")
+    c.add_argument("--allow-unused", action="store_true", help="ignore checkpoint tensors the model does not use")
+    c.set_defaults(fn=_cmd_convert)
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a run's latest checkpoint")
     e.add_argument("run")
@@ -142,10 +188,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, reported without a traceback."""
     from jaxlearn.config import ConfigError
     from jaxlearn.data import errors as data_errors
+    from jaxlearn.models.hf import CheckpointImportError
     from jaxlearn.train.checkpoint import CheckpointMismatchError
     from jaxlearn.train.loop import RunDirError
 
-    return (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError, data_errors.DataError)
+    return (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError, data_errors.DataError,
+            CheckpointImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

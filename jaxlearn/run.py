@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlearn.config import Config, ConfigError, load_config
+from jaxlearn.data.bpe_tokenizer import load_tokenizer
 from jaxlearn.data.tokenizer import Tokenizer
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
@@ -25,7 +26,7 @@ class OpenRun:
     cfg: Config
     model: Transformer
     params: Any
-    tokenizer: Tokenizer
+    tokenizer: Any  # Tokenizer (SentencePiece) or BPETokenizer
     step: int
 
 
@@ -37,10 +38,13 @@ def open_run(run_dir: str | Path, overrides: list[str] = ()) -> OpenRun:
         raise ConfigError(f"{run_dir} is not a jaxlearn run directory (no config.yaml). "
                           "Pass the train.run_dir of a finished or running `jaxlearn train`.")
     cfg = load_config(cfg_path, list(overrides))
-    tok_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else run_dir / "tokenizer.model"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"tokenizer {tok_path} not found for run {run_dir}; pass data.tokenizer=PATH.")
-    tokenizer = Tokenizer.load(tok_path)
+    if cfg.data.tokenizer:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tok_path = run_dir / "tokenizer.model"
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"tokenizer {tok_path} not found for run {run_dir}; pass data.tokenizer=PATH.")
+        tokenizer = Tokenizer.load(tok_path)
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh)
     model = Transformer(cfg.model, ShardingContext(mesh, rules))

@@ -15,12 +15,18 @@ PROMPTS = [[1, 5, 6, 7], [1, 9], list(range(1, 20))]
 
 
 def _recompute_greedy(model, params, prompt, n, stop=()):
-    """Reference: the full forward over the whole sequence at every step, no cache."""
+    """Reference: the full forward over the whole sequence at every step, no cache.
+
+    The sequence is right-padded to a fixed length (padding is segment 0, and attention is
+    causal, so position i only sees tokens <= i): one compilation for every step.
+    """
+    total = len(prompt) + n
+    forward = jax.jit(lambda t, s: model.apply({"params": params}, t, jnp.arange(total)[None], s)[0])
     seq = list(prompt)
     for _ in range(n):
-        t = jnp.asarray([seq], jnp.int32)
-        logits, _ = model.apply({"params": params}, t, jnp.arange(len(seq))[None], jnp.ones_like(t))
-        nxt = int(jnp.argmax(logits[0, -1]))
+        t = jnp.asarray([seq + [0] * (total - len(seq))], jnp.int32)
+        seg = jnp.asarray([[1] * len(seq) + [0] * (total - len(seq))], jnp.int32)
+        nxt = int(jnp.argmax(forward(t, seg)[0, len(seq) - 1]))
         if nxt in stop:
             break
         seq.append(nxt)

@@ -240,8 +240,10 @@ def ensure_tokenizer(data_cfg: Any, run_dir: str | os.PathLike) -> Tokenizer:
     >>> tok.vocab_size                                                          # doctest: +SKIP
     8192
     """
-    if data_cfg.tokenizer:
-        return Tokenizer.load(data_cfg.tokenizer)
+    if data_cfg.tokenizer:  # a .model/.gguf/tokenizer.json path, HF directory or preset name
+        from jaxlearn.data.bpe_tokenizer import load_tokenizer
+
+        return load_tokenizer(data_cfg.tokenizer)
     path = Path(run_dir).expanduser() / "tokenizer.model"
     if not path.exists():
         source = make_source(data_cfg, "train")

@@ -134,6 +134,10 @@ def _leaves(cfg: ModelConfig, paths: Iterable[tuple[str, ...]]) -> dict[tuple[st
     out = {}
     for path in paths:
         head, rest = path[0], tuple(path[1:])
+        if head.startswith("layers") and rest not in by_suffix:
+            raise CheckpointImportError(
+                f"parameter {'/'.join(path)} has no Hugging Face counterpart. Adapter leaves (LoRA, IA3, ...) "
+                f"must be merged into the base weights first (jaxlearn.peft.merge.merge).")
         if head == "layers" and cfg.scan_layers:
             name, kind = by_suffix[rest]
             hf = tuple(f"model.layers.{i}.{name}" for i in range(cfg.n_layers))

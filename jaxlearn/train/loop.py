@@ -22,6 +22,7 @@ import yaml
 from jaxlearn.config import Config, config_to_dict, dump_config
 from jaxlearn.data.pipeline import ensure_tokenizer, make_eval_batches, make_train_iterator
 from jaxlearn.models.generate import SamplingConfig, generate
+from jaxlearn.models.presets import init_params as init_pretrained
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.objectives.lm import make_objective
 from jaxlearn.peft.files import save_adapter
@@ -112,7 +113,9 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     shard = ShardingContext(mesh, rules)
     model = Transformer(cfg.model, shard)
     init_ids = tokenizer.encode(cfg.peft.init_text) if cfg.peft.type == "prompt" and cfg.peft.init_text else None
-    setup = build_state(model, cfg, mesh, rules, tc.steps, prompt_init_ids=init_ids)
+    # Start from a pretrained checkpoint (imported straight into the shardings) unless resuming.
+    params = init_pretrained(cfg.model, mesh, rules) if cfg.model.init_from and resume_step is None else None
+    setup = build_state(model, cfg, mesh, rules, tc.steps, params=params, prompt_init_ids=init_ids)
     batch_sharding = shard.batch_sharding()
     objective = make_objective(model, cfg.objective)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,

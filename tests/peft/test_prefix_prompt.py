@@ -76,9 +76,12 @@ def test_prefix_finalisation_keeps_the_forward_and_generation_uses_the_cache():
     np.testing.assert_allclose(_logits(model, final, tokens), _logits(model, params, tokens), atol=2e-5)
     prompts = [[1, 5, 6], [1, 9, 10, 11]]
     out = generate(model, final, prompts, SamplingConfig(max_new_tokens=6))
+    forward = jax.jit(lambda t, s: _logits(model, final, t, jnp.arange(12)[None], s))
     for prompt, got in zip(prompts, out.tokens):  # reference: full recompute with the prefix, no cache
         seq = list(prompt)
-        for _ in range(6):
-            seq.append(int(jnp.argmax(_logits(model, final, jnp.asarray([seq], jnp.int32))[0, -1])))
+        for _ in range(6):  # right-padded to a fixed length (segment 0): one compilation
+            t = jnp.asarray([seq + [0] * (12 - len(seq))], jnp.int32)
+            s = jnp.asarray([[1] * len(seq) + [0] * (12 - len(seq))], jnp.int32)
+            seq.append(int(jnp.argmax(forward(t, s)[0, len(seq) - 1])))
         assert got == seq[len(prompt):]
     assert out.tokens != generate(model, base, prompts, SamplingConfig(max_new_tokens=6)).tokens
