@@ -7,6 +7,7 @@
     jaxlearn eval runs/shakespeare
     jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
     jaxlearn data fetch shakespeare
+    jaxlearn adapters list runs/lora_smollm2_shakespeare
 
 Known bad input (missing file, malformed YAML, unknown key, wrong type, empty or non-UTF-8
 data, a checkpoint from another model) prints one paragraph naming the problem and the fix,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -128,6 +130,64 @@ def _cmd_data_fetch(args) -> int:
     return 0
 
 
+def _cmd_adapters_list(args) -> int:
+    from jaxlearn.peft.files import list_adapters
+
+    directory = Path(args.dir)
+    if (directory / "adapters").is_dir():  # a run directory
+        directory = directory / "adapters"
+    rows = list_adapters(directory)
+    if not rows:
+        print(f"no adapters under {directory}")
+        return 0
+    print("| version | method | rank | step | targets | trainable values | base fingerprint |\n|---|---|---|---|---|---|---|")
+    for path, meta in rows:
+        n = sum(math.prod(i["shape"]) for i in meta["leaves"].values())
+        rank = meta["hyperparameters"].get("rank", "") if meta["method"] in ("lora", "dora") else ""
+        print(f"| {path.name} | {meta['method']} | {rank} | {meta['step']} | {len(meta['targets'])} | {n:,} | "
+              f"{meta['base_fingerprint']} |")
+    return 0
+
+
+def _cmd_adapters_show(args) -> int:
+    from jaxlearn.peft.files import read_metadata, resolve
+
+    meta = read_metadata(resolve(args.path))
+    if not args.recipe:
+        meta.pop("recipe", None)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _cmd_adapters_merge(args) -> int:
+    from jaxlearn.models.hf import save_hf
+    from jaxlearn.peft.merge import merge
+    from jaxlearn.run import open_run
+
+    run = open_run(args.run)
+    merged = merge(run.params)
+    tok = run.tokenizer if hasattr(run.tokenizer, "hf_token_ids") else None
+    out = save_hf(merged, run.cfg.model, args.out, tokenizer=tok)
+    print(f"merged {run.cfg.peft.type} adapters of {args.run} (step {run.step}) into {out}")
+    return 0
+
+
+def _cmd_adapters_export(args) -> int:
+    from jaxlearn.models.hf import save_hf
+    from jaxlearn.peft.hf_peft import export_peft
+    from jaxlearn.peft.merge import base_leaves
+    from jaxlearn.run import open_run
+
+    run = open_run(args.run)
+    out = Path(args.out)
+    base_dir = out / "base"
+    tok = run.tokenizer if hasattr(run.tokenizer, "hf_token_ids") else None
+    save_hf(base_leaves(run.params), run.cfg.model, base_dir, tokenizer=tok)
+    adapter_dir = export_peft(run.params, run.cfg.model, run.cfg.peft, out / "adapter", base_name=str(base_dir))
+    print(f"wrote {base_dir} (base, transformers) and {adapter_dir} (PEFT adapter)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlearn", description="Train and align language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output path (.model)")
     tt.set_defaults(fn=_cmd_tokenizer_train)
 
+    a = sub.add_parser("adapters", help="PEFT adapters: list, show, merge into the base, export to HF PEFT")
+    asub = a.add_subparsers(dest="adapters_command", required=True)
+    al = asub.add_parser("list", help="versions under a run's adapters/ directory")
+    al.add_argument("dir", help="run directory or adapters directory")
+    al.set_defaults(fn=_cmd_adapters_list)
+    ash = asub.add_parser("show", help="one adapter's metadata (a version dir, or the latest under a dir)")
+    ash.add_argument("path")
+    ash.add_argument("--recipe", action="store_true", help="include the training recipe")
+    ash.set_defaults(fn=_cmd_adapters_show)
+    am = asub.add_parser("merge", help="fold a run's LoRA/DoRA/IA3 adapters into the base; write a HF directory")
+    am.add_argument("run")
+    am.add_argument("--out", required=True)
+    am.set_defaults(fn=_cmd_adapters_merge)
+    ae = asub.add_parser("export", help="a run's base (HF safetensors) + LoRA/DoRA adapter (HF PEFT format)")
+    ae.add_argument("run")
+    ae.add_argument("--out", required=True)
+    ae.set_defaults(fn=_cmd_adapters_export)
+
     d = sub.add_parser("data", help="data tools")
     ds = d.add_subparsers(dest="data_command", required=True)
     df = ds.add_parser("fetch", help="download a real corpus into the cache (JAXLEARN_CACHE)")
@@ -190,10 +268,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlearn.data import errors as data_errors
     from jaxlearn.models.hf import CheckpointImportError
     from jaxlearn.train.checkpoint import CheckpointMismatchError
+    from jaxlearn.peft.files import AdapterMismatchError
     from jaxlearn.train.loop import RunDirError
 
     return (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError, data_errors.DataError,
-            CheckpointImportError)
+            CheckpointImportError, AdapterMismatchError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,15 @@ class ShardingContext:
         return isinstance(other, ShardingContext) and self.mesh == other.mesh and self.rules == other.rules
 
     def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, axes, self.rules))
+        """Constrain by logical names. A dimension the mesh axes do not divide (a batch of 1
+        on 8 devices when generating, say) is left unsharded rather than failing."""
+        spec = logical_to_spec(axes, self.rules)
+        fitted = []
+        for dim, entry in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            size = int(np.prod([self.mesh.shape[n] for n in names])) if names else 1
+            fitted.append(entry if dim % size == 0 else None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
         """Sharding of a [batch, ...] host batch: split on the batch axes, rest replicated."""

@@ -81,3 +81,13 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     assert set(np.unique(p1).tolist()) == {0}
     full = sample_logits(logits, keys[3], SamplingConfig(temperature=1.0))
     assert set(np.unique(full).tolist()) == {0, 1, 2, 3}
+
+
+def test_single_prompt_on_eight_devices():
+    """A batch the mesh cannot split (1 prompt, 8 devices) still generates, unsharded."""
+    cfg = tiny_model_config(init_std=0.5)
+    mc = MeshConfig(preset="fsdp")
+    model = Transformer(cfg, ShardingContext(make_mesh(mc), rules_for(mc)))
+    params = init_params(Transformer(cfg), jax.random.key(4))
+    single = generate(Transformer(cfg), params, PROMPTS[:1], SamplingConfig(max_new_tokens=5))
+    assert generate(model, params, PROMPTS[:1], SamplingConfig(max_new_tokens=5)).tokens == single.tokens
