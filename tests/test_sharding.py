@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlearn.config import Config, MeshConfig, OptimConfig
+from jaxlearn.config import Config, MeshConfig, OptimConfig, PeftConfig
 from jaxlearn.models.transformer import Transformer, abstract_params
 from jaxlearn.objectives.lm import make_objective
+from jaxlearn.peft.attach import SEAM_METHODS, attach_axes, find_sites
 from jaxlearn.peft.filter import flat_paths
 from jaxlearn.sharding import ShardingContext, logical_to_spec, make_mesh, rules_for
 from jaxlearn.train.state import build_state
@@ -72,12 +73,20 @@ def test_grad_accumulation_matches_full_batch(single_device):
 
 
 def _specs_snapshot() -> dict:
+    """Every preset's PartitionSpecs for the base model, and with LoRA and prefix adapters
+    attached (adapters must inherit the axes, hence the sharding, of the weight they adapt)."""
     cfg = tiny_model_config()
-    _, logical = abstract_params(Transformer(cfg))
+    abstract, logical = abstract_params(Transformer(cfg))
+    trees = {"": logical}
+    for method in ("lora", "ia3", "prefix"):
+        pc = PeftConfig(type=method, rank=4)
+        sites = find_sites(abstract, logical, pc) if method in SEAM_METHODS else []
+        trees[f"+{method}"] = attach_axes(logical, pc, sites)
     snap = {}
     for name, mc in PRESETS.items():
         rules = rules_for(mc)
-        snap[name] = {path: str(logical_to_spec(axes, rules)) for path, axes in sorted(flat_paths(logical).items())}
+        for suffix, tree in trees.items():
+            snap[name + suffix] = {path: str(logical_to_spec(axes, rules)) for path, axes in sorted(flat_paths(tree).items())}
     return snap
 
 
