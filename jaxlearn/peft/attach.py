@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlearn.config import PeftConfig
+from jaxlearn.config import ModelConfig, PeftConfig
 from jaxlearn.models.layers import linear
 from jaxlearn.peft.filter import flat_paths, unflatten_paths
 
@@ -228,19 +228,19 @@ def _prefix_width(flat: dict) -> int:
     return n_layers * 2 * kvh * hd
 
 
-def finalize_prefix(params: dict, n_layers: int) -> dict:
+def finalize_prefix(params: dict, model_cfg: ModelConfig) -> dict:
     """Replace prefix tuning's training-time MLP by the per-layer prefixes it produces.
 
     The forward is unchanged; only `prefix/kv` [layers, 2, P, kv_heads, head_dim] remains.
+    Works on a full tree or on the trainable subtree alone.
     """
     flat = flat_paths(params)
     if "prefix/mlp_out" not in flat:
         return params
     emb, w_in, w_out = flat.pop("prefix/embedding"), flat.pop("prefix/mlp_in"), flat.pop("prefix/mlp_out")
     kv = linear(jnp.tanh(linear(emb, w_in)), w_out)  # [P, layers*2*kv_heads*head_dim]
-    k = flat["layers/attn/k/kernel"] if "layers/attn/k/kernel" in flat else flat["layers_0/attn/k/kernel"]
-    kvh, hd = k.shape[-2], k.shape[-1]
-    flat["prefix/kv"] = kv.reshape(emb.shape[0], n_layers, 2, kvh, hd).transpose(1, 2, 0, 3, 4)
+    c = model_cfg
+    flat["prefix/kv"] = kv.reshape(emb.shape[0], c.n_layers, 2, c.n_kv_heads, c.resolved_head_dim).transpose(1, 2, 0, 3, 4)
     return unflatten_paths(flat)
 
 

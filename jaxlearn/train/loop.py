@@ -25,6 +25,7 @@ from jaxlearn.models.generate import SamplingConfig, generate
 from jaxlearn.models.presets import init_params as init_pretrained
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.objectives.lm import make_objective
+from jaxlearn.peft.attach import finalize_prefix
 from jaxlearn.peft.files import save_adapter
 from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
 from jaxlearn.train.checkpoint import Checkpointer, abstract_like
@@ -193,7 +194,9 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
         bar.close()
     ckpt.close()
     if cfg.peft.type != "none" and is_main:
-        path = save_adapter(run_dir / "adapters", state.trainable, state.frozen, cfg.peft,
+        # Prefix tuning keeps only the prefixes it produces; its reparametrisation MLP is dropped.
+        adapter = finalize_prefix(state.trainable, cfg.model) if cfg.peft.type == "prefix" else state.trainable
+        path = save_adapter(run_dir / "adapters", adapter, state.frozen, cfg.peft,
                             recipe=config_to_dict(cfg), step=tc.steps)
         echo(f"adapter saved: {path}")
 

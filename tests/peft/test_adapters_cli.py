@@ -50,3 +50,24 @@ def test_lora_run_then_adapters_commands(tmp_path):
         got_peft = peft.PeftModel.from_pretrained(base, str(export_dir / "adapter")).eval()(torch.tensor(tokens)).logits.numpy()
     assert np.abs(ours - got_merged).max() < 1e-4
     assert np.abs(ours - got_peft).max() < 1e-4
+
+
+def test_prefix_run_saves_only_the_prefixes(tmp_path):
+    from jaxlearn.peft.files import load_adapter, read_metadata
+    from jaxlearn.peft.filter import flat_paths, unflatten_paths
+    from jaxlearn.run import open_run
+
+    run_dir = tmp_path / "prefix"
+    r = run_cli("train", RECIPE, *TINY, "peft.type=prefix", "peft.num_virtual_tokens=4", "peft.prefix_hidden=32",
+                "optim.lr=0.02", f"train.run_dir={run_dir}", "train.steps=4", "train.eval_every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_metadata(run_dir / "adapters" / "v1")
+    assert list(meta["leaves"]) == ["prefix/kv"] and meta["leaves"]["prefix/kv"]["shape"] == [2, 2, 4, 2, 16]
+    run = open_run(run_dir)  # the checkpoint keeps the training-time MLP form
+    base = unflatten_paths({k: v for k, v in flat_paths(run.params).items() if not k.startswith("prefix/")})
+    loaded, _ = load_adapter(run_dir / "adapters", base)
+    tokens = np.asarray([[2, 40, 41, 42, 43]], np.int32)
+    pos, seg = jnp.arange(5)[None], jnp.ones_like(tokens)
+    a = run.model.apply({"params": run.params}, tokens, pos, seg)[0]
+    b = run.model.apply({"params": loaded}, tokens, pos, seg)[0]
+    np.testing.assert_allclose(a, b, atol=2e-5)

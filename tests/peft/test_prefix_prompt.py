@@ -70,7 +70,7 @@ def test_prefix_finalisation_keeps_the_forward_and_generation_uses_the_cache():
     cfg, model, base = _model()
     params = attach(base, PeftConfig(type="prefix", num_virtual_tokens=4, prefix_hidden=32), [], jax.random.key(3))
     params["prefix"]["mlp_out"] = params["prefix"]["mlp_out"] * 50
-    final = finalize_prefix(params, cfg.n_layers)
+    final = finalize_prefix(params, cfg)
     assert set(flat_paths(final["prefix"])) == {"kv"} and final["prefix"]["kv"].shape == (2, 2, 4, 2, 16)
     tokens = jnp.asarray(np.random.RandomState(2).randint(1, 128, (2, 8)), jnp.int32)
     np.testing.assert_allclose(_logits(model, final, tokens), _logits(model, params, tokens), atol=2e-5)
