@@ -9,8 +9,9 @@ and joins every event to its HLO instruction, so each line says what it is: a ma
 YNNPACK or Eigen, an elementwise fusion, a copy/transpose, a buffer initialisation, ... and which
 part of the model it belongs to (forward or backward, attention, MLP, LM head + loss, optimizer).
 
-Event durations are wall time of each operation; two operations can run at once on the two
-cores, so the sum can exceed the step time (it is printed next to it).
+Two operations can run at once (the XLA:CPU runtime runs independent operations concurrently),
+so each moment of wall time is shared among the operations running then: the per-operation
+figures add up to the busy wall time of the step, not to more.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import collections
 import glob
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -99,6 +101,50 @@ def classify(name: str, info: dict | None) -> tuple[str, str, str]:
     return phase, part, k
 
 
+def attribute_wall_time(events: list[tuple[float, float, str]], steps: int) -> collections.Counter:
+    """ms per step of each operation, where time shared by k concurrent operations counts 1/k to
+    each: the totals add up to the busy wall time, so concurrent operations are not counted twice."""
+    edges = sorted([(s, 1, n) for s, _, n in events] + [(e, -1, n) for _, e, n in events])
+    active: collections.Counter = collections.Counter()
+    out: collections.Counter = collections.Counter()
+    last = None
+    for t, kind, name in edges:
+        if last is not None and active:
+            k = sum(active.values())
+            for n, c in active.items():
+                out[n] += (t - last) * c / k / 1e6 / steps
+        last = t
+        active[name] += kind
+        if active[name] == 0:
+            del active[name]
+    return out
+
+
+def trace_ops(call, steps: int, trace_dir: str = "") -> tuple[collections.Counter, collections.Counter]:
+    """Run `call()` `steps` times under the profiler: (ms per call of each XLA operation, events per call)."""
+    from jax.profiler import ProfileData
+
+    keep = bool(trace_dir)
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxlearn_profile_")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+        call()
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
+    events = []  # (start_ns, end_ns, name) of every XLA operation, on any thread
+    for plane in ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLA"):
+                events.extend((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ev in line.events
+                              if not ev.name.startswith(("end: ", "ThunkExecutor", "Slinky", "Threadpool")))
+    if not keep:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    count = collections.Counter()
+    for _, _, name in events:
+        count[name] += 1 / steps
+    return attribute_wall_time(events, steps), count
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="current", choices=list(VARIANTS))
@@ -113,24 +159,9 @@ def main(argv=None) -> int:
     for _ in range(2):
         run.run_step()
     index = hlo_index(run.step.as_text())
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jaxlearn_profile_")
-    jax.profiler.start_trace(trace_dir)
-    times = [run.run_step() for _ in range(args.steps)]
-    jax.profiler.stop_trace()
-    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
-
-    from jax.profiler import ProfileData
-
-    per_thunk: collections.Counter = collections.Counter()
-    count: collections.Counter = collections.Counter()
-    for plane in ProfileData.from_file(path).planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):
-                continue
-            for ev in line.events:
-                if ev.name in index:
-                    per_thunk[ev.name] += ev.duration_ns / 1e6 / args.steps
-                    count[ev.name] += 1
+    times = []
+    per_thunk, count = trace_ops(lambda: times.append(run.run_step()), args.steps, args.trace_dir)
+    per_thunk = collections.Counter({k: v for k, v in per_thunk.items() if k in index})
     step_ms = 1e3 * sum(times) / len(times)
     total = sum(per_thunk.values())
     groups: collections.Counter = collections.Counter()
@@ -140,7 +171,7 @@ def main(argv=None) -> int:
         groups[(phase, part, kind)] += ms
         kinds[kind] += ms
 
-    print(f"\nvariant {args.variant!r}: step {step_ms:.0f} ms (traced), sum of operation times {total:.0f} ms "
+    print(f"\nvariant {args.variant!r}: step {step_ms:.0f} ms (traced), busy time of XLA operations {total:.0f} ms "
           f"({len(per_thunk)} distinct operations); XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
     print("\nby kind of operation:")
     for k, ms in kinds.most_common():
@@ -152,8 +183,7 @@ def main(argv=None) -> int:
     for name, ms in per_thunk.most_common(args.top):
         info = index.get(name, {})
         op_name = info.get("op_name", "").replace("jit(step)/", "").replace("Transformer.hidden/while/body/closed_call/", "")
-        print(f"  {ms:8.1f}  {count[name] // args.steps:3d}x  {name:40s} {info.get('shape', ''):28s} {op_name[:110]}")
-    print(f"\ntrace: {path}")
+        print(f"  {ms:8.1f}  {round(count[name]):3d}x  {name:40s} {info.get('shape', ''):28s} {op_name[:110]}")
     return 0
 
 

@@ -66,20 +66,31 @@ def make_lm_objective(model, cfg):
     return objective
 
 
+GROUPS = ("linear", "attention", "loss")
+
+
 @contextlib.contextmanager
-def patched():
-    """Trace the model with the reference seams (patches the names the model modules use)."""
+def patched(groups=GROUPS):
+    """Trace the model with the reference seams of `groups` (patches the names the modules use)."""
     from jaxlearn.models import layers, transformer
     from jaxlearn.objectives import lm
 
-    targets = [
-        (layers, "linear", linear),  # `Linear.__call__` looks `linear` up in layers' globals
-        (transformer, "linear", linear),  # the tied LM head
-        (transformer, "attend", attend),
-        (transformer, "attention_mask", attention_mask),
-        (lm, "token_cross_entropy", token_cross_entropy),
-        (lm, "make_lm_objective", make_lm_objective),  # `make_objective` looks it up at call time
-    ]
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown seam groups {sorted(unknown)}; known: {GROUPS}")
+    targets = []
+    if "linear" in groups:
+        targets += [
+            (layers, "linear", linear),  # `Linear` and the PEFT wrappers look `linear` up in layers' globals
+            (transformer, "linear", linear),  # the tied LM head
+        ]
+    if "attention" in groups:
+        targets += [(transformer, "attend", attend), (transformer, "attention_mask", attention_mask)]
+    if "loss" in groups:
+        targets += [
+            (lm, "token_cross_entropy", token_cross_entropy),
+            (lm, "make_lm_objective", make_lm_objective),  # `make_objective` looks it up at call time
+        ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in targets]
     try:
         for mod, name, fn in targets:

@@ -4,20 +4,26 @@
 
 What it does, in order, all in the same Python process:
 1. measures the peak float32 matmul FLOP/s of this machine (jitted `jnp.dot` at a few shapes,
-   including the model's own, median of `--peak-reps` runs after a warm-up; the peak is the max);
+   including the model's own, median of `--peak-reps` runs after a warm-up; the peak is the
+   best shape, and the better of a measurement before and one after the steps);
 2. for each variant, builds the reference config (configs/bench_reference.yaml) with jaxlearn's
    own `build_state` + `compile_train_step` on one device (mesh preset dp over jax.devices()[:1])
-   and synthetic token batches, and times lower+compile;
-3. times the steady-state step of every variant, interleaved in rounds (A B C A B C ...) so slow
-   drift of the machine (other processes) hits every variant alike; each step blocks on its
-   results; the step time is the median over all timed steps;
-4. writes `train_throughput.json` and `train_throughput.md` into `--out`, atomically.
+   and synthetic token batches (random ids, full loss mask, one segment per row), and times
+   lower + compile;
+3. times the steady-state step of every variant, interleaved (A B C A B C ...) so a busy spell
+   of the machine hits every variant alike; each step blocks on its results; the step time is
+   the median over the timed steps. Each step also records the CPU time of this process, its
+   page faults, and how many cores other processes used meanwhile (from /proc/stat): steps
+   during which others used < 0.1 core are "uncontended" and get their own median;
+4. writes `train_throughput.json` and `train_throughput.md` into `--out`, atomically (a partial
+   JSON after every round, the full one at the end).
 
-Variants (see VARIANTS): `current` is the library as it is; `reference` traces the model with the
-seams as they were before the CPU performance work (benchmarks/reference_seams.py), so a change
-to a seam is compared to its baseline measured in the same run. Others change one config knob.
-XLA flags are read once per process: compare them by running the script twice with different
-`XLA_FLAGS` (the flags are recorded in the JSON).
+Variants (VARIANTS below): `current` is the library as it is. `reference` traces the model with
+the seams as they were before the CPU performance work (benchmarks/reference_seams.py), and
+`ref_<seam>` puts back one seam only, so each change is compared with its baseline in the same
+run. `causal_hint` applies a change proposed for transformer.py (benchmarks/proposals.py).
+Others change one config knob. XLA reads XLA_FLAGS once per process: compare flags with
+benchmarks/xla_flags_sweep.py (the flags in effect are recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -51,17 +57,27 @@ from jaxlearn.sharding import ShardingContext, make_mesh, rules_for  # noqa: E40
 from jaxlearn.train.state import build_state  # noqa: E402
 from jaxlearn.train.step import compile_train_step  # noqa: E402
 
-# name -> (description, config overrides, use the reference seams)
-VARIANTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "current": ("library as is (attention auto -> xla on CPU, scan, no remat)", (), False),
-    "reference": ("seams before the CPU work (benchmarks/reference_seams.py)", (), True),
-    "dpa": ("attention = jax.nn.dot_product_attention", ("model.attention=dot_product_attention",), False),
-    "unrolled": ("layers unrolled (scan_layers=false)", ("model.scan_layers=false",), False),
-    "remat_full": ("remat = full (recompute each layer in backward)", ("model.remat=full",), False),
-    "remat_dots": ("remat = dots (save matmul outputs)", ("model.remat=dots",), False),
-    "reference_unrolled": ("reference seams, layers unrolled", ("model.scan_layers=false",), True),
+# name -> (description, config overrides, seam groups traced with their reference versions,
+#          proposed changes to other files applied by patching, see benchmarks/proposals.py)
+REF_ALL = ("linear", "attention", "loss")
+VARIANTS: dict[str, tuple] = {
+    "current": ("library as is (attention auto -> xla on CPU, scan, no remat)", (), ()),
+    "causal_hint": ("current + transformer.py passing causal=True to attend (proposals.py)", (), (),
+                    ("causal_hint",)),
+    "no_block_skip": ("current, but attention over all keys (causal=False, no block skipping)", (), (),
+                      ("no_block_skip",)),
+    "reference": ("all seams as before the CPU work (benchmarks/reference_seams.py)", (), REF_ALL),
+    "ref_attention": ("current, but the reference attend/attention_mask", (), ("attention",)),
+    "ref_linear": ("current, but the reference linear", (), ("linear",)),
+    "dpa": ("attention = jax.nn.dot_product_attention", ("model.attention=dot_product_attention",), ()),
+    "unrolled": ("layers unrolled (scan_layers=false)", ("model.scan_layers=false",), ()),
+    "remat_full": ("remat = full (recompute each layer in backward)", ("model.remat=full",), ()),
+    "remat_dots": ("remat = dots (save matmul outputs)", ("model.remat=dots",), ()),
+    "reference_unrolled": ("reference seams, layers unrolled", ("model.scan_layers=false",), REF_ALL),
+    "causal_unrolled": ("causal_hint, layers unrolled", ("model.scan_layers=false",), (), ("causal_hint",)),
 }
 
+QUIET = 0.1  # a step counts as uncontended when other processes used < this many cores meanwhile
 PEAK_SHAPES = ((2048, 2048, 2048), (2048, 512, 1408), (2048, 1408, 512), (2048, 512, 8192), (4096, 1024, 1024))
 
 
@@ -75,6 +91,33 @@ def max_rss_mib() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def other_processes_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (or stolen by the hypervisor) so far, minus
+    this process's own: what everything else used. From /proc/stat, so short-lived processes
+    count too. None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy - own.ru_utime - own.ru_stime
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 0.5) -> float:
+    """Wait (at most `max_wait_s`) until other processes use < `threshold` cores; returns their load."""
+    t_end = time.perf_counter() + max_wait_s
+    while True:
+        a = other_processes_cpu_s()
+        time.sleep(window_s)
+        b = other_processes_cpu_s()
+        load = 0.0 if a is None or b is None else max(b - a, 0.0) / window_s
+        if load < threshold or time.perf_counter() >= t_end:
+            return load
+
+
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -86,7 +129,24 @@ def atomic_write(path: Path, text: str) -> None:
 # Peak matmul FLOP/s
 
 
-def measure_peak(reps: int) -> dict:
+def probe_peak(reps: int = 10, shape: tuple[int, int, int] = PEAK_SHAPES[1]) -> float:
+    """GFLOP/s of the model's own matmul shape right now (median of `reps`): the machine's speed
+    drifts (other virtual machines on the host, clocks), so every round of steps is paired with
+    a probe taken just before it."""
+    m, k, n = shape
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def measure_peak(reps: int, wait_quiet: float = 0.0) -> dict:
     """Median GFLOP/s of a jitted float32 matmul at each shape; the peak is the best shape."""
     dot = jax.jit(jnp.dot)
     rows = []
@@ -95,6 +155,8 @@ def measure_peak(reps: int) -> dict:
         b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
         for _ in range(2):
             dot(a, b).block_until_ready()
+        if wait_quiet:
+            wait_for_quiet(wait_quiet)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -152,34 +214,41 @@ class Run:
     name: str
     description: str
     overrides: tuple[str, ...]
-    reference_seams: bool
+    reference_seams: tuple
     step: object = None
     state: object = None
     batch: object = None
     times: list = dataclasses.field(default_factory=list)
     cpu_times: list = dataclasses.field(default_factory=list)  # user + system CPU seconds of the process
+    contention: list = dataclasses.field(default_factory=list)  # cores used by other processes meanwhile
+    probes: list = dataclasses.field(default_factory=list)  # matmul GFLOP/s probed just before the step's round
     page_faults: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
     info: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
 
     def run_step(self, record: bool = False) -> float:
+        o0 = other_processes_cpu_s() if record else None
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         self.state, metrics = self.step(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
+        o1 = other_processes_cpu_s() if record else None
         if record:
+            self.contention.append(None if o0 is None or o1 is None else round(max(o1 - o0, 0.0) / dt, 3))
             self.times.append(dt)
             self.cpu_times.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
             self.page_faults.append(r1.ru_minflt - r0.ru_minflt)
         self.losses.append(float(metrics["loss"]))
+        self.info.setdefault("first_grad_norm", float(metrics["grad_norm"]))
         return dt
 
 
 def build_run(name: str, config_path: Path, common: list[str], total_steps: int) -> Run:
-    desc, overrides, ref = VARIANTS[name]
+    desc, overrides, ref, *rest = VARIANTS[name]
+    proposals = rest[0] if rest else ()
     run = Run(name, desc, overrides, ref)
     cfg = load_config(config_path, [*common, *overrides])
     run.info["model"] = dataclasses.asdict(cfg.model)
@@ -188,10 +257,14 @@ def build_run(name: str, config_path: Path, common: list[str], total_steps: int)
     rules = rules_for(MeshConfig(preset="dp"))
     shard = ShardingContext(mesh, rules)
     model = Transformer(cfg.model, shard)
-    seams = contextlib.nullcontext()
+    seams = contextlib.ExitStack()
     if ref:
         import reference_seams
-        seams = reference_seams.patched()
+        seams.enter_context(reference_seams.patched(ref))
+    if proposals:
+        import proposals as prop
+        for p in proposals:
+            seams.enter_context(prop.PROPOSALS[p]())
     with seams:  # the seams are looked up while tracing, so the patch only needs to cover lower()
         objective = make_objective(model, cfg.objective)
         setup = build_state(model, cfg, mesh, rules, total_steps)
@@ -205,7 +278,13 @@ def build_run(name: str, config_path: Path, common: list[str], total_steps: int)
         t2 = time.perf_counter()
     tokens = cfg.data.batch_size * cfg.data.seq_len
     run.step, run.state, run.batch = compiled, setup.state, batch
+    n_trainable = sum(x.size for x in jax.tree.leaves(setup.state.trainable))
+    if n_trainable != cfg.model.param_count():
+        # Full training is what this benchmark measures; anything else would flatter it.
+        raise RuntimeError(f"{n_trainable} trainable parameters, expected all {cfg.model.param_count()}: "
+                           f"check the peft block of {config_path} and the trainable filter")
     run.info.update(
+        trainable_params=n_trainable,
         lower_s=t1 - t0, compile_s=t2 - t1, lower_compile_s=t2 - t0, tokens_per_step=tokens,
         batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
         n_params=cfg.model.param_count(),
@@ -217,19 +296,27 @@ def build_run(name: str, config_path: Path, common: list[str], total_steps: int)
 
 def summarise(run: Run, peak_gflops: float) -> dict:
     out = {"name": run.name, "description": run.description, "overrides": list(run.overrides),
-           "reference_seams": run.reference_seams, "error": run.error, **run.info}
+           "reference_seams": list(run.reference_seams), "error": run.error, **run.info}
     out.pop("model", None)
     out["model_config"] = run.info.get("model")
     if run.times:
         step_s = statistics.median(run.times)
+        quiet = [t for t, c in zip(run.times, run.contention) if c is not None and c < QUIET]
         tokens = run.info["tokens_per_step"]
         achieved = run.info["model_flops_per_step"] / step_s / 1e9
         out.update(
             steps_timed=len(run.times), step_s_median=step_s, step_s_min=min(run.times), step_s_max=max(run.times),
             step_times_s=run.times, cpu_s_median=statistics.median(run.cpu_times),
-            minor_page_faults_median=statistics.median(run.page_faults), tokens_per_s=tokens / step_s, model_gflops_per_s=achieved,
+            minor_page_faults_median=statistics.median(run.page_faults),
+            contention_cores=run.contention, quiet_steps=len(quiet),
+            step_s_quiet_median=statistics.median(quiet) if quiet else None,
+            tokens_per_s=tokens / step_s, model_gflops_per_s=achieved,
             mfu=achieved / peak_gflops,
-            xla_gflops_per_s=(run.info["xla_flops_per_step"] / step_s / 1e9) if run.info.get("xla_flops_per_step") else None,
+            mfu_quiet=run.info["model_flops_per_step"] / statistics.median(quiet) / 1e9 / peak_gflops if quiet else None,
+            # each step against the matmul rate probed just before its round: robust to drift
+            mfu_vs_probe=statistics.median(run.info["model_flops_per_step"] / t / 1e9 / p
+                                           for t, p in zip(run.times, run.probes)) if run.probes else None,
+            probes_gflops=run.probes,
             first_losses=run.losses[:3], last_loss=run.losses[-1] if run.losses else None,
         )
     return out
@@ -249,26 +336,35 @@ def markdown(result: dict) -> str:
         "# Training throughput: reference config",
         "",
         f"{result['timestamp']} | jax {result['jax_version']} | {result['device']} | "
-        f"{result['cpu_count']} CPUs | XLA_FLAGS=`{result['xla_flags'] or ''}`",
+        f"{result['cpu_count']} CPUs | XLA_FLAGS=`{result['xla_flags'] or ''}` | "
+        f"GLIBC_TUNABLES=`{result.get('glibc_tunables') or ''}`",
         "",
-        f"Peak float32 matmul: **{peak['peak_gflops']:.1f} GFLOP/s** (max over shapes: "
-        + ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['gflops']:.0f}" for r in peak["shapes"]) + ")",
+        f"Peak float32 matmul: **{peak['peak_gflops']:.1f} GFLOP/s** "
+        + ("(given with --peak-gflops)" if peak.get("given") else "(best of two measurements, max over shapes: "
+           + ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['gflops']:.0f}" for r in peak["shapes"]) + ")"),
         "",
-        "| variant | compile s | step s (median) | CPU s/step | tokens/s | model GFLOP/s | MFU | model GFLOP/step "
-        "| XLA GFLOP/step | XLA temp MiB | max RSS MiB | loss step 0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("Matmul probes (model shape 2048x512x1408, one per round of steps): "
+         + ", ".join(f"{p:.0f}" for p in result.get("probes_gflops", [])) + " GFLOP/s"),
+        "",
+        "| variant | compile s | step s (median) | tokens/s | model GFLOP/s | MFU | MFU vs probe "
+        "| uncontended step s (n) | MFU uncontended | CPU s/step | model GFLOP/step | XLA GFLOP/step "
+        "| XLA temp MiB | max RSS MiB | loss step 0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["variants"]:
         if r.get("error") and not r.get("steps_timed"):
-            lines.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} |" + " |" * 11)
+            lines.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:80]} |" + " |" * 14)
             continue
         mem = r.get("memory_analysis") or {}
         temp = mem.get("temp_size_in_bytes")
         lines.append(
             f"| {r['name']} | {_fmt(r.get('lower_compile_s'), '.1f')} | {_fmt(r.get('step_s_median'), '.3f')} "
-            f"| {_fmt(r.get('cpu_s_median'), '.2f')} "
             f"| {_fmt(r.get('tokens_per_s'), '.0f')} | {_fmt(r.get('model_gflops_per_s'), '.1f')} "
             f"| {_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}% "
+            f"| {_fmt(r.get('mfu_vs_probe') and 100 * r['mfu_vs_probe'], '.1f')}% "
+            f"| {_fmt(r.get('step_s_quiet_median'), '.3f')} ({r.get('quiet_steps', 0)}) "
+            f"| {_fmt(r.get('mfu_quiet') and 100 * r['mfu_quiet'], '.1f')}% "
+            f"| {_fmt(r.get('cpu_s_median'), '.2f')} "
             f"| {_fmt(r.get('model_flops_per_step') and r['model_flops_per_step'] / 1e9, '.1f')} "
             f"| {_fmt(r.get('xla_flops_per_step') and r['xla_flops_per_step'] / 1e9, '.1f')} "
             f"| {_fmt(temp and temp / 2**20, '.0f')} | {_fmt(r.get('max_rss_mib'), '.0f')} "
@@ -288,7 +384,8 @@ def write_outputs(result: dict, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling (default 2)")
     p.add_argument("--rounds", type=int, default=0,
@@ -300,8 +397,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every variant, e.g. data.batch_size=4")
     p.add_argument("--peak-reps", type=int, default=10)
+    p.add_argument("--malloc-thp", action="store_true",
+                   help="re-run this script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so glibc backs "
+                        "XLA's large per-step buffers with transparent huge pages (far fewer page faults); "
+                        "an environment setting, recorded in the results, never set by jaxlearn itself")
+    p.add_argument("--peak-gflops", type=float, default=0.0,
+                   help="use this peak (GFLOP/s) for MFU instead of measuring it (e.g. one measured "
+                        "once for a sweep of XLA flags)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each timed step (and each peak shape), wait up to this long for other "
+                        "processes to go idle (default 0: do not wait)")
     args = p.parse_args(argv)
 
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.malloc_thp and "glibc.malloc.hugetlb" not in tunables:
+        # glibc reads its tunables when the process starts: start again with it set.
+        os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+        sys.stdout.flush()
+        rest = argv if argv is not None else sys.argv[1:]
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *rest])
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -311,13 +425,17 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "jax_version": jax.__version__, "device": str(jax.devices()[0].device_kind),
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": args.config, "overrides": args.set,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "config": args.config, "overrides": args.set,
         "steps": args.steps, "warmup": args.warmup, "complete": False,
     }
 
-    log("measuring peak float32 matmul FLOP/s")
-    result["peak"] = measure_peak(args.peak_reps)
-    log(f"peak: {result['peak']['peak_gflops']:.1f} GFLOP/s")
+    if args.peak_gflops:
+        result["peak"] = {"shapes": [], "peak_gflops": args.peak_gflops, "given": True}
+    else:
+        log("measuring peak float32 matmul FLOP/s")
+        result["peak"] = measure_peak(args.peak_reps, args.wait_quiet)
+        log(f"peak: {result['peak']['peak_gflops']:.1f} GFLOP/s")
 
     runs: list[Run] = []
     for name in names:
@@ -331,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_fmt(run.info['xla_flops_per_step'] and run.info['xla_flops_per_step'] / 1e9, '.1f')} G | "
                 f"warm-up losses {[round(x, 4) for x in run.losses]}")
         except Exception:  # noqa: BLE001 - one broken variant must not lose the others
-            run = Run(name, VARIANTS[name][0], VARIANTS[name][1], VARIANTS[name][2], error=traceback.format_exc())
+            run = Run(name, *VARIANTS[name][:3], error=traceback.format_exc())
             log(f"  variant {name!r} failed:\n{run.error}")
         runs.append(run)
 
@@ -339,24 +457,35 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or args.steps
     per_round = [args.steps // rounds + (1 if i < args.steps % rounds else 0) for i in range(rounds)]
     for i, n in enumerate(per_round):
+        if args.wait_quiet:
+            wait_for_quiet(args.wait_quiet)
+        probe = probe_peak()
+        result.setdefault("probes_gflops", []).append(probe)
         for run in live:
             for _ in range(n):
+                if args.wait_quiet:
+                    wait_for_quiet(args.wait_quiet)
                 try:
                     run.run_step(record=True)
+                    run.probes.append(probe)
                 except Exception:  # noqa: BLE001
                     run.error = traceback.format_exc()
                     log(f"  variant {run.name!r} failed while stepping:\n{run.error}")
                     break
         live = [r for r in live if r.error is None]
-        log(f"round {i + 1}/{rounds}: " + " | ".join(
-            f"{r.name} {statistics.median(r.times):.3f} s" for r in runs if r.times))
+        result["variants"] = [summarise(r, result["peak"]["peak_gflops"]) for r in runs]
+        write_outputs(result, out_dir)  # partial (complete: false), in case the run is cut short
+        log(f"round {i + 1}/{rounds} (matmul probe {probe:.0f} GFLOP/s): " + " | ".join(
+            f"{r.name} {r.times[-1]:.3f} s (median {statistics.median(r.times):.3f}, others used "
+            f"{_fmt(r.contention[-1], '.2f')} cores)" for r in runs if r.times))
 
     # Re-measure the peak after the steps too: the machine may have been busier at the start.
-    # MFU uses the better of the two, so a busy moment cannot flatter it.
-    log("re-measuring peak float32 matmul FLOP/s")
-    result["peak_start"] = result["peak"]
-    result["peak_end"] = measure_peak(args.peak_reps)
-    result["peak"] = max(result["peak_start"], result["peak_end"], key=lambda x: x["peak_gflops"])
+    if not args.peak_gflops:
+        # MFU uses the better of the two, so a busy moment cannot flatter it.
+        log("re-measuring peak float32 matmul FLOP/s")
+        result["peak_start"] = result["peak"]
+        result["peak_end"] = measure_peak(args.peak_reps, args.wait_quiet)
+        result["peak"] = max(result["peak_start"], result["peak_end"], key=lambda x: x["peak_gflops"])
     peak = result["peak"]["peak_gflops"]
     result["variants"] = [summarise(r, peak) for r in runs]
     result["complete"] = True
