@@ -5,8 +5,9 @@
 `attend` (grouped_attention: recomputed probabilities, query blocks) and `linear` (custom
 backward) against the originals kept in benchmarks/reference_seams.py, forward and backward:
 GQA, MHA and MQA; causal, packed segments with padding, a KV cache (decode T=1 and a prefill at
-an offset), a PEFT-style prefix, a mask that is not causal at all (the run-time check must then
-use every key); float32 and bfloat16. Small shapes with 4-query blocks so several blocks show.
+an offset), a PEFT-style prefix, a mask that is not causal at all; `causal=True` (query blocks,
+skipping the keys above the diagonal) where the mask allows it; float32 and bfloat16. Small
+shapes with 4-query blocks so several blocks show.
 """
 
 from __future__ import annotations
@@ -77,22 +78,22 @@ def main() -> int:
     seg = jnp.asarray([[1] * 8 + [2] * 6 + [0] * 2, [1] * 16])  # two packed documents + padding; one
     idx = jnp.broadcast_to(jnp.arange(16), (2, 16))
     train = mask(seg, idx, seg)
-    for causal in (None, True, False):
+    for causal in (True, False):
         ok &= check_attention("train, packed, GQA 8/2", 2, 16, 16, 8, 2, 8, train, causal)
-    ok &= check_attention("train, MHA 4/4", 2, 16, 16, 4, 4, 8, train, None)
-    ok &= check_attention("train, MQA 6/1", 2, 16, 16, 6, 1, 8, train, None)
-    ok &= check_attention("train, bfloat16", 2, 16, 16, 8, 2, 8, train, None, jnp.bfloat16, tol=3e-2)
+        ok &= check_attention("train, MHA 4/4", 2, 16, 16, 4, 4, 8, train, causal)
+        ok &= check_attention("train, MQA 6/1", 2, 16, 16, 6, 1, 8, train, causal)
+        ok &= check_attention("train, bfloat16", 2, 16, 16, 8, 2, 8, train, causal, jnp.bfloat16, tol=3e-2)
     cache_seg = jnp.asarray([[1] * 10 + [0] * 6, [1] * 12 + [0] * 4])
     ok &= check_attention("decode T=1 of S=16 at 9", 2, 1, 16, 8, 2, 8,
-                          mask(jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 9), cache_seg), None)
+                          mask(jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 9), cache_seg), False)
     for start in (0, 3, 8):
         ok &= check_attention(f"prefill T=8 of S=16 at {start}", 2, 8, 16, 8, 2, 8,
                               mask(jnp.ones((2, 8), jnp.int32), jnp.broadcast_to(start + jnp.arange(8), (2, 8)),
-                                   jnp.ones((2, 16), jnp.int32)), None)
+                                   jnp.ones((2, 16), jnp.int32)), False)
     prefix = jnp.concatenate([jnp.ones((2, 1, 16, 4), bool), mask(jnp.ones_like(seg), idx, jnp.ones_like(seg))], -1)
-    for causal in (None, True):
+    for causal in (True, False):
         ok &= check_attention("prefix P=4 + 16 causal", 2, 16, 20, 8, 2, 8, prefix, causal)
-    ok &= check_attention("not causal (all keys visible)", 2, 16, 16, 8, 2, 8, jnp.ones((2, 1, 16, 16), bool), None)
+    ok &= check_attention("not causal (all keys visible)", 2, 16, 16, 8, 2, 8, jnp.ones((2, 1, 16, 16), bool), False)
 
     for dtype in (jnp.float32, jnp.bfloat16):
         tol = 1e-5 if dtype == jnp.float32 else 1e-2

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     print(f"\ntop {args.top} operations (ms per step, calls per step, shape, op_name):")
     for name, ms in per_thunk.most_common(args.top):
         info = index.get(name, {})
-        op_name = info.get("op_name", "").replace("jit(step)/", "").replace("Transformer.hidden/while/body/closed_call/", "")
+        op_name = info.get("op_name", "").replace("jit(step)/", "")
+        op_name = op_name.replace("Transformer.hidden/while/body/closed_call/", "")
         print(f"  {ms:8.1f}  {round(count[name]):3d}x  {name:40s} {info.get('shape', ''):28s} {op_name[:110]}")
     return 0
 

@@ -21,7 +21,7 @@ What it does, in order, all in the same Python process:
 Variants (VARIANTS below): `current` is the library as it is. `reference` traces the model with
 the seams as they were before the CPU performance work (benchmarks/reference_seams.py), and
 `ref_<seam>` puts back one seam only, so each change is compared with its baseline in the same
-run. `causal_hint` applies a change proposed for transformer.py (benchmarks/proposals.py).
+run. `no_block_skip` turns off the causal block skipping (benchmarks/proposals.py).
 Others change one config knob. XLA reads XLA_FLAGS once per process: compare flags with
 benchmarks/xla_flags_sweep.py (the flags in effect are recorded in the JSON).
 """
@@ -62,9 +62,7 @@ from jaxlearn.train.step import compile_train_step  # noqa: E402
 REF_ALL = ("linear", "attention", "loss")
 VARIANTS: dict[str, tuple] = {
     "current": ("library as is (attention auto -> xla on CPU, scan, no remat)", (), ()),
-    "causal_hint": ("current + transformer.py passing causal=True to attend (proposals.py)", (), (),
-                    ("causal_hint",)),
-    "no_block_skip": ("current, but attention over all keys (causal=False, no block skipping)", (), (),
+    "no_block_skip": ("current, but attention over all keys (causal=False; proposals.py)", (), (),
                       ("no_block_skip",)),
     "reference": ("all seams as before the CPU work (benchmarks/reference_seams.py)", (), REF_ALL),
     "ref_attention": ("current, but the reference attend/attention_mask", (), ("attention",)),
@@ -74,7 +72,6 @@ VARIANTS: dict[str, tuple] = {
     "remat_full": ("remat = full (recompute each layer in backward)", ("model.remat=full",), ()),
     "remat_dots": ("remat = dots (save matmul outputs)", ("model.remat=dots",), ()),
     "reference_unrolled": ("reference seams, layers unrolled", ("model.scan_layers=false",), REF_ALL),
-    "causal_unrolled": ("causal_hint, layers unrolled", ("model.scan_layers=false",), (), ("causal_hint",)),
 }
 
 QUIET = 0.1  # a step counts as uncontended when other processes used < this many cores meanwhile
@@ -312,7 +309,8 @@ def summarise(run: Run, peak_gflops: float) -> dict:
             step_s_quiet_median=statistics.median(quiet) if quiet else None,
             tokens_per_s=tokens / step_s, model_gflops_per_s=achieved,
             mfu=achieved / peak_gflops,
-            mfu_quiet=run.info["model_flops_per_step"] / statistics.median(quiet) / 1e9 / peak_gflops if quiet else None,
+            mfu_quiet=(run.info["model_flops_per_step"] / statistics.median(quiet) / 1e9 / peak_gflops
+                       if quiet else None),
             # each step against the matmul rate probed just before its round: robust to drift
             mfu_vs_probe=statistics.median(run.info["model_flops_per_step"] / t / 1e9 / p
                                            for t, p in zip(run.times, run.probes)) if run.probes else None,

@@ -74,9 +74,12 @@ def main(argv=None) -> int:
                 except (OSError, ValueError, KeyError, IndexError):
                     r = {"error": (proc.stderr or proc.stdout)[-2000:]}
                 runs[name].append(r)
-                log(f"   step {r.get('step_s_median', float('nan')):.3f} s (uncontended "
-                    f"{r.get('step_s_quiet_median') or float('nan'):.3f} s), CPU {r.get('cpu_s_median', float('nan')):.2f} s"
-                    if "error" not in r or r.get("steps_timed") else f"   failed: {r['error'][-300:]}")
+                if r.get("steps_timed"):
+                    quiet, vs_probe = r["step_s_quiet_median"] or float("nan"), r.get("mfu_vs_probe") or float("nan")
+                    log(f"   step {r['step_s_median']:.3f} s (uncontended {quiet:.3f} s, MFU vs probe "
+                        f"{100 * vs_probe:.1f}%), CPU {r['cpu_s_median']:.2f} s")
+                else:
+                    log(f"   failed: {r.get('error', '')[-300:]}")
 
     rows = []
     for name in names:
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
             "step_s_min": min(times) if times else None,
             "step_s_quiet_median": statistics.median(quiet) if quiet else None, "quiet_steps": len(quiet),
             "cpu_s_median": statistics.median(cpu) if cpu else None,
+            # steps against the matmul rate probed in the same process just before them
+            "mfu_vs_probe": statistics.median(r["mfu_vs_probe"] for r in ok) if ok else None,
             "minor_page_faults_median": statistics.median([r["minor_page_faults_median"] for r in ok]) if ok else None,
             "loss_step0": ok[0]["first_losses"][0] if ok else None,
             "errors": [r["error"] for r in runs[name] if r.get("error") and not r.get("steps_timed")],
@@ -99,8 +104,8 @@ def main(argv=None) -> int:
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     lines = [f"# XLA:CPU flags on the training step (variant `{args.variant}`, one process per setting)", "",
              f"{result['timestamp']} | peak {peak:.1f} GFLOP/s | {args.repeats} x {args.steps} steps per setting", "",
-             "| setting | step s (median) | step s (min) | uncontended step s (n) | MFU uncontended | CPU s/step "
-             "| page faults/step | loss step 0 | what |", "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | step s (median) | step s (min) | uncontended step s (n) | MFU uncontended | MFU vs probe "
+             "| CPU s/step | page faults/step | loss step 0 | what |", "|---|---|---|---|---|---|---|---|---|---|"]
     flops = None
     for name in names:
         ok = [r for r in runs[name] if r.get("steps_timed")]
@@ -110,7 +115,9 @@ def main(argv=None) -> int:
     for r in rows:
         mfu = flops / r["step_s_quiet_median"] / 1e9 / peak if flops and r["step_s_quiet_median"] else None
         lines.append(f"| `{r['name']}` | {fmt(r['step_s_median'], '.3f')} | {fmt(r['step_s_min'], '.3f')} "
-                     f"| {fmt(r['step_s_quiet_median'], '.3f')} ({r['quiet_steps']}) | {fmt(mfu and 100 * mfu, '.1f')}% "
+                     f"| {fmt(r['step_s_quiet_median'], '.3f')} ({r['quiet_steps']}) "
+                     f"| {fmt(mfu and 100 * mfu, '.1f')}% "
+                     f"| {fmt(r['mfu_vs_probe'] and 100 * r['mfu_vs_probe'], '.1f')}% "
                      f"| {fmt(r['cpu_s_median'], '.2f')} | {fmt(r['minor_page_faults_median'], '.0f')} "
                      f"| {fmt(r['loss_step0'], '.4f')} | {r['what']}: `{r['xla_flags'] or ''}` {r['env'] or ''} |")
     lines.append("")

@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -178,15 +177,14 @@ def attention_mask(q_seg_bt: jax.Array, q_idx_bt: jax.Array, kv_seg_bs: jax.Arra
 
 
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array,
-           impl: str = "auto", causal: bool | None = None) -> jax.Array:
+           impl: str = "auto", causal: bool = False) -> jax.Array:
     """Grouped-query attention. The seam where fused kernels plug in.
 
     `dot_product_attention` calls `jax.nn.dot_product_attention` (cuDNN/TPU fused paths where
     the backend has them); `xla` is `grouped_attention` below, which is faster on CPU.
-    `causal` tells `xla` whether the mask hides every key after slot i + S - T from query i
-    (true in training, where there is no KV cache): True is a promise, so the key blocks above
-    the diagonal are skipped unchecked; None (default) checks the mask at run time and skips
-    them when it allows; False never skips.
+    `causal` is the caller's promise that the mask hides every key after slot i + S - T from
+    query i (true in training, where there is no KV cache; a prefix of always-visible keys is
+    fine): `xla` then skips the key blocks above the diagonal. The mask is applied either way.
 
     >>> q, kv = jnp.ones((1, 4, 8, 16)), jnp.ones((1, 4, 2, 16))
     >>> attend(q, kv, kv, jnp.ones((1, 1, 4, 4), bool), "xla").shape
@@ -198,13 +196,13 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: j
         scale = q_btnh.shape[-1] ** -0.5
         return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
     t = q_btnh.shape[1]
-    n_blocks = t // CAUSAL_BLOCK if causal is not False and t % CAUSAL_BLOCK == 0 else 1
-    return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks, check=causal is None)
+    n_blocks = t // CAUSAL_BLOCK if causal and t % CAUSAL_BLOCK == 0 else 1
+    return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks)
 
 
-# Query rows per block where attention may skip the key blocks above the diagonal. Two blocks
-# of 128 at T = 256 skip a quarter of the work and measured fastest on the benchmark's CPU;
-# smaller blocks skip more but make the GEMMs too small to run well.
+# Query rows per block when `causal` lets attention skip the key blocks above the diagonal. Two
+# blocks of 128 at T = 256 skip a quarter of the work and measured fastest in the training step
+# on the benchmark's CPU (64 and 32 skip more but make the GEMMs too small to run well).
 CAUSAL_BLOCK = 128
 
 # Added to masked logits. exp() of it underflows to exactly 0 next to any unmasked logit, and
@@ -217,15 +215,6 @@ def _query_blocks(t: int, s: int, n_blocks: int) -> list[tuple[int, int, int]]:
     """(first query, end query, end key) per block: block j meets keys [0, S - T + its end)."""
     size = t // n_blocks
     return [(j * size, (j + 1) * size, s - t + (j + 1) * size) for j in range(n_blocks)]
-
-
-def _blocks_fit(mask_b1ts: jax.Array, n_blocks: int) -> jax.Array:
-    """True when the mask hides every key the query blocks would not meet (skipping is exact)."""
-    t, s = mask_b1ts.shape[2:]
-    skipped = np.ones((t, s), bool)
-    for q0, q1, kv1 in _query_blocks(t, s, n_blocks):
-        skipped[q0:q1, :kv1] = False
-    return ~jnp.any(mask_b1ts & skipped)
 
 
 def _block_logits(q_bkrh, k_bksh, mask_b1ts, q0, q1, kv1):
@@ -282,14 +271,7 @@ def _attention_backward(q_bkrh, k_bksh, v_bksh, mask_b1ts, lse, do_bkrh, delta, 
     return jnp.concatenate(dqs, axis=2), dk, dv
 
 
-def _maybe_blocked(fn, n_blocks, check, fits, *args):
-    """`fn` with the query blocks, where allowed: always (promised), never, or if `fits` (checked)."""
-    if n_blocks == 1 or not check:
-        return fn(*args, n_blocks)
-    return jax.lax.cond(fits, lambda *a: fn(*a, n_blocks), lambda *a: fn(*a, 1), *args)
-
-
-def _grouped_attention_fwd(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks, check):
+def _grouped_attention_fwd(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks):
     b, t, n, h = q_btnh.shape
     kvh = k_bskh.shape[2]
     g = n // kvh
@@ -300,45 +282,42 @@ def _grouped_attention_fwd(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks, check):
                            (0, 2, 1, 3, 4)).reshape(b, kvh, t * g, h)
     k_bksh = jnp.transpose(k_bskh, (0, 2, 1, 3))
     v_bksh = jnp.transpose(v_bskh, (0, 2, 1, 3))
-    fits = _blocks_fit(mask_b1ts, n_blocks) if n_blocks > 1 and check else None
-    o_bkrh, lse = _maybe_blocked(_attention_forward, n_blocks, check, fits, q_bkrh, k_bksh, v_bksh, mask_b1ts)
+    o_bkrh, lse = _attention_forward(q_bkrh, k_bksh, v_bksh, mask_b1ts, n_blocks)
     out = jnp.transpose(o_bkrh.reshape(b, kvh, t, g, h), (0, 2, 1, 3, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)
-    return out, (q_bkrh, k_bksh, v_bksh, mask_b1ts, out, lse, fits)
+    return out, (q_bkrh, k_bksh, v_bksh, mask_b1ts, out, lse)
 
 
-def _grouped_attention_bwd(n_blocks, check, res, dout_btnh):
-    q_bkrh, k_bksh, v_bksh, mask_b1ts, out_btnh, lse, fits = res
+def _grouped_attention_bwd(n_blocks, res, dout_btnh):
+    q_bkrh, k_bksh, v_bksh, mask_b1ts, out_btnh, lse = res
     b, t, n, h = dout_btnh.shape
     kvh = k_bksh.shape[1]
     g = n // kvh
     delta_btn = jnp.sum(dout_btnh.astype(jnp.float32) * out_btnh.astype(jnp.float32), axis=-1)
     delta = delta_btn.reshape(b, t, kvh, g).transpose(0, 2, 1, 3)[..., None]  # [B, K, T, G, 1]
     do_bkrh = jnp.transpose(dout_btnh.reshape(b, t, kvh, g, h), (0, 2, 1, 3, 4)).reshape(b, kvh, t * g, h)
-    dq, dk, dv = _maybe_blocked(_attention_backward, n_blocks, check, fits,
-                                q_bkrh, k_bksh, v_bksh, mask_b1ts, lse, do_bkrh, delta)
+    dq, dk, dv = _attention_backward(q_bkrh, k_bksh, v_bksh, mask_b1ts, lse, do_bkrh, delta, n_blocks)
     dq = jnp.transpose(dq.reshape(b, kvh, t, g, h), (0, 2, 1, 3, 4)).reshape(b, t, n, h)
     dq = dq * jnp.asarray(h ** -0.5, dq.dtype)
     return (dq.astype(dout_btnh.dtype), jnp.transpose(dk, (0, 2, 1, 3)).astype(k_bksh.dtype),
             jnp.transpose(dv, (0, 2, 1, 3)).astype(v_bksh.dtype), None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array,
-                      n_blocks: int = 1, check: bool = True) -> jax.Array:
+                      n_blocks: int = 1) -> jax.Array:
     """Exact softmax attention, GQA, any boolean mask [B, 1, T, S] (causal, packing, KV cache).
 
     Written for CPU: the forward keeps only the log-partition of the softmax, and the backward
     recomputes the probabilities from it (as flash attention does, but untiled), so no
     [B, N, T, S] tensor is stored between the passes. With `n_blocks` > 1 the queries are
-    split into that many blocks and block j only meets keys [0, S - T + its end), that much
-    less work: exact when the mask hides every other key (causal). With `check`, the mask is
-    tested at run time and all keys are used when it does not; without, the caller promises.
+    split into that many blocks and block j only meets keys [0, S - T + its end): that much
+    less work, and exact when the mask hides every other key (causal; the caller's promise).
 
     >>> q, kv = jnp.ones((1, 4, 8, 16)), jnp.ones((1, 4, 2, 16))
     >>> grouped_attention(q, kv, kv, jnp.tril(jnp.ones((4, 4), bool))[None, None], 2).shape
     (1, 4, 8, 16)
     """
-    return _grouped_attention_fwd(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks, check)[0]
+    return _grouped_attention_fwd(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks)[0]
 
 
 grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)

@@ -83,7 +83,10 @@ class Attention(nn.Module):
             pv = jnp.broadcast_to(prefix["v"].astype(v.dtype), (b,) + prefix["v"].shape[1:])
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (n_pre,), bool), mask], axis=-1)
-        out = attend(q, k, v, mask, cfg.attention)
+        # Without a KV cache the mask never shows query i a key after slot i + S - T (causal, and
+        # a prefix only adds keys in front), so the CPU attention may skip the blocks above the
+        # diagonal (about a quarter of its work at T = 256).
+        out = attend(q, k, v, mask, cfg.attention, causal=layer_cache is None)
         out = constrain(self.shard, out, ("act_batch", "act_seq", "act_heads", None))
         # Output projections start smaller so the residual stream does not grow with depth (GPT-2).
         o = proj((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
