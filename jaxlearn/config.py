@@ -130,11 +130,20 @@ class PeftConfig:
     rank: int = 8  # lora/dora
     alpha: float = 16.0  # lora/dora: scale alpha/rank
     rslora: bool = False  # lora/dora: scale alpha/sqrt(rank) (rank-stabilised LoRA)
+    # lora/dora: dropout rate on the adapter's input (x in (x A) B) during training only;
+    # the base path and evaluation/generation are never dropped.
+    dropout: float = 0.0
     bottleneck: int = 64  # adapter: width of the down-projection
     num_virtual_tokens: int = 16  # prefix/prompt: length of the learned prefix or soft prompt
     prefix_hidden: int = 256  # prefix: width of the reparametrisation MLP used during training
     init_text: str = ""  # prompt: initialise the soft prompt from this text's token embeddings
     seed: int = 0  # adapter initialisation
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout: {self.dropout!r} is out of range; use a rate in [0, 1), e.g. 0.05.")
+        if self.dropout and self.type not in ("lora", "dora"):
+            raise ConfigError(f"peft.dropout applies to lora/dora only (peft.type is {self.type!r}); set it to 0.")
 
 
 @dataclasses.dataclass(frozen=True)

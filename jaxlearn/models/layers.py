@@ -85,15 +85,21 @@ class Linear(nn.Module):
         kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
         # PEFT attaches adapter leaves beside `kernel` (jaxlearn/peft/attach.py); apply them here.
         adapters = {k: v for k, v in self.variables.get("params", {}).items() if k != "kernel"}
-        return adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in)
+        # LoRA dropout only when the caller supplies a 'dropout' rng (training); evaluation and
+        # generation pass none and are deterministic.
+        rng = self.make_rng("dropout") if "lora_dropout" in adapters and self.has_rng("dropout") else None
+        return adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, dropout_rng=rng)
 
 
-def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 1) -> jax.Array:
+def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 1,
+                   dropout_rng: jax.Array | None = None) -> jax.Array:
     """`linear` plus whatever adapters sit beside the kernel (no adapters: exactly `linear`).
 
     LoRA adds scale * (x A) B without forming A B; DoRA rescales each output column by
     m / ||W + scale A B|| (the norm is not differentiated, as in the DoRA paper); IA3 scales
-    inputs or outputs; a bottleneck adapter adds up(silu(down(y))) to the output.
+    inputs or outputs; a bottleneck adapter adds up(silu(down(y))) to the output. With
+    `dropout_rng` and a `lora_dropout` rate leaf, LoRA's input is dropped (inverted dropout);
+    the base path never is.
 
     >>> adapted_linear(jnp.ones((2, 3)), jnp.ones((3, 4)), {}).shape
     (2, 4)
@@ -111,7 +117,12 @@ def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 
         y = y + delta * scale.reshape((-1,) + (1,) * (delta.ndim - 1))
     elif "lora_a" in adapters:
         scale = adapters["lora_scale"].astype(x.dtype)
-        y = y + linear(linear(x, adapters["lora_a"], n_in), adapters["lora_b"]) * scale
+        x_lora = x
+        if dropout_rng is not None and "lora_dropout" in adapters:
+            rate = adapters["lora_dropout"].astype(jnp.float32)
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, x.shape)
+            x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+        y = y + linear(linear(x_lora, adapters["lora_a"], n_in), adapters["lora_b"]) * scale
         if "dora_m" in adapters:
             w = kernel.astype(jnp.float32) + linear(adapters["lora_a"].astype(jnp.float32),
                                                     adapters["lora_b"].astype(jnp.float32)) * scale

@@ -1,6 +1,7 @@
 """Masked next-token cross-entropy: the objective of pretraining and SFT.
 
-An objective is a function `(params, batch, rng) -> (loss_sum, weight, metric_sums)`; the
+An objective is a function `(params, batch, rng) -> (loss_sum, weight, metric_sums)` (`rng` is
+None in evaluation, where nothing is random); the
 step divides sums by the total weight over all microbatches, so gradient accumulation gives
 exactly the full-batch mean. Example::
 
@@ -32,8 +33,10 @@ def make_lm_objective(model, cfg: ObjectiveConfig) -> Objective:
     """Next-token loss over `batch["loss_mask"]`-selected targets."""
 
     def objective(params, batch, rng):
-        del rng  # no dropout in the base model
-        logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        # rng is None in evaluation: deterministic. In training it drives LoRA dropout (the base
+        # model has none).
+        logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                rngs={"dropout": rng} if rng is not None else None)
         ce, log_z = token_cross_entropy(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         loss = ce + cfg.z_loss * jnp.square(log_z) if cfg.z_loss else ce

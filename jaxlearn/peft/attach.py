@@ -14,6 +14,7 @@ shard like it with no special case. Example::
 Leaf names inside a linear module (beside `kernel`):
 
     lora_a [*in, r], lora_b [r, *out], lora_scale []      LoRA: y += scale * (x A) B
+    lora_dropout []                                       LoRA dropout rate (only if > 0)
     dora_m [*out]                                         DoRA magnitude (with lora_*)
     ia3_out [*out] / ia3_in [*in]                         IA3: scale outputs / inputs
     adapter_down [*out, b], adapter_up [b, *out]          bottleneck: y += up(silu(down(y)))
@@ -138,6 +139,10 @@ def _site_leaves(site: Site, cfg: PeftConfig, kernel: jax.Array, key: jax.Array)
             "lora_b": jnp.zeros(lead + (cfg.rank,) + out_shape, dtype),
             "lora_scale": jnp.full(lead, lora_scale(cfg), jnp.float32),
         }
+        if cfg.dropout:
+            # A frozen leaf like the scale, so the rate travels with the adapter file and the
+            # seam needs no side channel; absent when 0, so nothing changes for plain LoRA.
+            leaves["lora_dropout"] = jnp.full(lead, cfg.dropout, jnp.float32)
         if cfg.type == "dora":
             in_axes = tuple(range(len(lead), len(lead) + site.n_in))
             leaves["dora_m"] = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=in_axes)).astype(dtype)
@@ -164,6 +169,8 @@ def _site_axes(site: Site, cfg: PeftConfig) -> dict[str, tuple]:
     if cfg.type in ("lora", "dora"):
         axes = {"lora_a": lead + in_axes + ("lora_rank",), "lora_b": lead + ("lora_rank",) + out_axes,
                 "lora_scale": lead}
+        if cfg.dropout:
+            axes["lora_dropout"] = lead
         if cfg.type == "dora":
             axes["dora_m"] = lead + out_axes
         return axes

@@ -85,7 +85,7 @@ def export_peft(params: dict, cfg: ModelConfig, peft_cfg: PeftConfig, out_dir: s
         "use_rslora": peft_cfg.rslora,
         "use_dora": peft_cfg.type == "dora",
         "target_modules": targets,
-        "lora_dropout": 0.0,
+        "lora_dropout": peft_cfg.dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -23,7 +23,7 @@ from jaxlearn.models.layers import linear
 from jaxlearn.peft.attach import kernel_in_dims
 from jaxlearn.peft.filter import flat_paths, unflatten_paths
 
-ADAPTER_LEAF = re.compile(r"/(lora_a|lora_b|lora_scale|dora_m|ia3_in|ia3_out|adapter_down|adapter_up)$")
+ADAPTER_LEAF = re.compile(r"/(lora_a|lora_b|lora_scale|lora_dropout|dora_m|ia3_in|ia3_out|adapter_down|adapter_up)$")
 
 
 def adapter_leaves(params: dict) -> dict:

@@ -30,6 +30,8 @@ def stack_adapters(adapters: list[dict]) -> dict:
         if set(f) != keys:
             raise ValueError(f"adapter {i} has different leaves than adapter 0: "
                              f"{sorted(set(f) ^ keys)[:6]}; stack adapters with the same targets.")
+    # Dropout is a training-time leaf; batches of many adapters are for evaluation and serving.
+    keys = {k for k in keys if not k.endswith("/lora_dropout")}
     bad = [k for k in keys if k.rsplit("/", 1)[-1] not in _LORA]
     if bad:
         raise ValueError(f"multi-adapter batches support LoRA only; found {sorted(bad)[:4]}.")

@@ -90,7 +90,7 @@ def compile_eval_step(objective: Objective, setup: StateSetup, batch_sharding: A
     """jit `(trainable, frozen, batch) -> (loss_sum, weight)` for held-out evaluation."""
 
     def evaluate(trainable, frozen, batch):
-        total, weight, _ = objective(merge_params(trainable, frozen), batch, jax.random.PRNGKey(0))
+        total, weight, _ = objective(merge_params(trainable, frozen), batch, None)  # None: no dropout
         return total, weight
 
     sh = setup.shardings
