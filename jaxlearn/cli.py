@@ -5,6 +5,7 @@
     jaxlearn generate --model smollm2-135m-instruct "What is the capital of France?"
     jaxlearn convert smollm2-135m-instruct out/smollm2-hf
     jaxlearn eval runs/shakespeare
+    jaxlearn compile configs/pod/llama3_8b_full_ft.yaml --topology v5p:4x4x4
     jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
     jaxlearn data fetch shakespeare
     jaxlearn adapters list runs/lora_smollm2_shakespeare
@@ -28,8 +29,35 @@ def _cmd_train(args) -> int:
     from jaxlearn.train.loop import train
 
     cfg = load_config(args.recipe, args.overrides + (["train.resume=true"] if args.resume else []))
+    if args.distributed or args.coordinator:  # before anything touches a device
+        from jaxlearn.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
     train(cfg)
     return 0
+
+
+def _cmd_compile(args) -> int:
+    import os
+
+    import jax
+
+    from jaxlearn.config import load_config
+    from jaxlearn.pod.compile import fit_check
+
+    # The check compiles for a *described* topology and runs nothing, so it needs no local
+    # accelerator: keep JAX on the CPU unless the user chose platforms. On a TPU VM this also
+    # leaves the chips to a training job that may be holding them.
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    cfg = load_config(args.recipe, args.overrides)
+    report = fit_check(cfg, args.topology, slices=args.slices, count_flops=not args.no_flops)
+    print(report.text())
+    if args.json:
+        from jaxlearn.train.metrics import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return 0 if report.fits else 1
 
 
 def _cmd_generate(args) -> int:
@@ -196,7 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="YAML recipe, e.g. configs/pretrain_shakespeare.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     t.add_argument("--resume", action="store_true", help="continue the run in train.run_dir exactly")
+    t.add_argument("--distributed", action="store_true",
+                   help="multi-host: join the job JAX detects (Cloud TPU pod slice, SLURM, MPI); run on every host")
+    t.add_argument("--coordinator", default="", help="multi-host elsewhere: process 0's host:port")
+    t.add_argument("--num-processes", type=int, default=None, help="with --coordinator: processes in the job")
+    t.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's id")
     t.set_defaults(fn=_cmd_train)
+
+    cp = sub.add_parser("compile", help="ahead-of-time fit check of a recipe on a TPU topology (no TPU needed)")
+    cp.add_argument("recipe", help="YAML recipe, e.g. configs/pod/llama3_8b_full_ft.yaml")
+    cp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 model.remat=full")
+    cp.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x4 (v5e-8), v5p:4x4x4 (64 chips)")
+    cp.add_argument("--slices", type=int, default=None, help="number of slices over DCN (default: mesh.slices)")
+    cp.add_argument("--json", default="", help="also write the report as JSON to this file")
+    cp.add_argument("--no-flops", action="store_true", help="skip the two small compiles that count XLA FLOPs")
+    cp.set_defaults(fn=_cmd_compile)
 
     g = sub.add_parser("generate", help="sample from a trained run or a pretrained model (--model)")
     g.add_argument("run", help="run directory (train.run_dir); with --model, the first prompt")

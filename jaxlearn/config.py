@@ -100,6 +100,10 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0  # grain worker processes; 0 keeps everything in this process
+    # Document shards the global batch is drawn from (each host feeds the shards it owns);
+    # 0: one per host. Set it to a multiple of every host count you will run with, and the data
+    # order and data checkpoints stay the same when the number of hosts changes.
+    shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +175,10 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     rules: tuple[tuple[str, Any], ...] = ()  # extra (logical axis, mesh axes) pairs, override the preset
+    # Multi-slice TPU (slices joined by the data-center network): the `data` axis spans the
+    # slices, `data`/`fsdp`/`tensor` above describe one slice. 1: a single slice.
+    slices: int = 1
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,14 +100,38 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the mesh over `devices` (default: all), axes in `MESH_AXES` order."""
+    """Build the mesh over `devices` (default: all), axes in `MESH_AXES` order.
+
+    `devices` may be those of a TPU topology description (ahead-of-time compilation, see
+    jaxlearn/pod/compile.py). With `cfg.slices > 1` the `data` axis spans the slices: the
+    slow data-center network then only carries the data-parallel gradient all-reduce, while
+    fsdp/tensor traffic stays on each slice's fast interconnect.
+
+    >>> make_mesh(MeshConfig(preset="fsdp")).shape          # doctest: +SKIP
+    OrderedDict([('data', 1), ('fsdp', 8), ('tensor', 1)])
+    """
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.slices > 1:
+        return _multislice_mesh(cfg, devices)
     shape = mesh_shape(cfg, len(devices))
     dims = tuple(shape[a] for a in MESH_AXES)
     try:  # topology-aware device order on TPU/GPU
         arr = mesh_utils.create_device_mesh(dims, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):  # CPU and unusual shapes: plain order is fine
         arr = np.asarray(devices).reshape(dims)
+    return Mesh(arr, MESH_AXES)
+
+
+def _multislice_mesh(cfg: MeshConfig, devices: list) -> Mesh:
+    if len(devices) % cfg.slices:
+        raise ValueError(f"mesh.slices={cfg.slices} does not divide the {len(devices)} devices.")
+    per_slice = mesh_shape(cfg, len(devices) // cfg.slices)
+    ici = tuple(per_slice[a] for a in MESH_AXES)
+    dcn = (cfg.slices,) + (1,) * (len(MESH_AXES) - 1)  # only `data` crosses slices
+    if all(hasattr(d, "slice_index") for d in devices):
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:  # CPU stand-ins have no slices: slice s is the s-th block of devices
+        arr = np.asarray(devices).reshape(cfg.slices * ici[0], *ici[1:])  # as the hybrid mesh: s * data + i
     return Mesh(arr, MESH_AXES)
 
 

@@ -12,13 +12,15 @@ half-written checkpoint behind. Example::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlearn.distributed import HostFeed
 from jaxlearn.peft.filter import flat_paths
 
 
@@ -51,7 +53,7 @@ class Checkpointer:
             create=True,
         )
         # Handlers named up front so metadata (shapes) can be read before a restore.
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": FeedCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -64,7 +66,7 @@ class Checkpointer:
              force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = FeedSave(data_iter)
         if self.best_metric and (metrics is None or self.best_metric not in metrics):
             metrics = None  # no metric yet: orbax keeps it only until a scored one exists
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
@@ -102,7 +104,7 @@ class Checkpointer:
         self.check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data"] = FeedRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
@@ -112,6 +114,59 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class FeedCheckpointHandler(ocp.CheckpointHandler):
+    """Data position of a `HostFeed` (jaxlearn/distributed.py): one JSON file per document shard.
+
+    Every process writes the shards it feeds (`shard_3-of-4.json`) and reads the shards it
+    feeds now, so a checkpoint written by 2 hosts restores on 1 host and vice versa (the
+    `params` part is restored by orbax into whatever mesh the run has). Checkpoints written
+    before shards existed hold `process_0-of-1.json` (grain's handler); that is shard 0 of 1.
+    """
+
+    def save(self, directory, args: "FeedSave"):
+        feed = HostFeed.wrap(args.item)
+        for s, state in feed.shard_states().items():
+            (directory / f"shard_{s}-of-{feed.shards}.json").write_text(json.dumps(state, indent=1))
+
+    def restore(self, directory, args: "FeedRestore"):
+        feed = HostFeed.wrap(args.item)
+        states = {}
+        for s in feed.owned:
+            path = directory / f"shard_{s}-of-{feed.shards}.json"
+            legacy = directory / f"process_{s}-of-{feed.shards}.json"
+            if not path.exists() and legacy.exists():
+                path = legacy
+            if not path.exists():
+                written = sorted(p.name for p in directory.iterdir())
+                raise CheckpointMismatchError(
+                    f"{directory} has no data position for shard {s} of {feed.shards} (it holds {written}). "
+                    "The run that wrote it used another data.shards; resume with the same data.shards.")
+            states[s] = json.loads(path.read_text())
+        feed.set_shard_states(states)
+        return args.item
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(FeedCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class FeedSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(FeedCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class FeedRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:

@@ -18,9 +18,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from jaxlearn.config import Config, config_to_dict, dump_config
 from jaxlearn.data.pipeline import ensure_tokenizer, make_eval_batches, make_train_iterator
+from jaxlearn.distributed import HostFeed, host_eval_batches
 from jaxlearn.models.generate import SamplingConfig, generate
 from jaxlearn.models.presets import init_params as init_pretrained
 from jaxlearn.models.transformer import Transformer
@@ -102,8 +104,9 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     n_proc, proc = jax.process_count(), jax.process_index()
     if cfg.data.batch_size % n_proc:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must divide over {n_proc} hosts.")
-    train_iter = make_train_iterator(cfg.data, tokenizer, shard_index=proc, shard_count=n_proc)
-    eval_batches = make_eval_batches(cfg.data, tokenizer, tc.eval_batches, shard_index=proc, shard_count=n_proc)
+    # each host feeds the document shards it owns (jaxlearn/distributed.py)
+    train_iter = HostFeed.for_config(cfg.data, tokenizer)
+    eval_batches = host_eval_batches(cfg.data, tokenizer, tc.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -127,7 +130,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     if resume_step is not None:
         state = ckpt.restore(resume_step, abstract_like(state, setup.shardings), train_iter)
         log.truncate_after(resume_step)
-        echo(f"resumed {run_dir} at step {resume_step}")
+        if is_main:
+            echo(f"resumed {run_dir} at step {resume_step}")
 
     # Compile once, ahead of time, so the compile cost is measured and never paid again.
     t0 = time.perf_counter()
@@ -137,7 +141,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     compile_s = time.perf_counter() - t0
     eval_step = compile_eval_step(objective, setup, batch_sharding)
     n_params = cfg.model.param_count()
-    echo(f"model: {n_params / 1e6:.2f} M params | mesh {dict(mesh.shape)} | compile {compile_s:.1f} s")
+    if is_main:
+        echo(f"model: {n_params / 1e6:.2f} M params | mesh {dict(mesh.shape)} | compile {compile_s:.1f} s")
 
     start = int(state.step)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -193,23 +198,28 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     if bar is not None:
         bar.close()
     ckpt.close()
-    if cfg.peft.type != "none" and is_main:
+    if cfg.peft.type != "none":
         # Prefix tuning keeps only the prefixes it produces; its reparametrisation MLP is dropped.
         adapter = finalize_prefix(state.trainable, cfg.model) if cfg.peft.type == "prefix" else state.trainable
-        path = save_adapter(run_dir / "adapters", adapter, state.frozen, cfg.peft,
-                            recipe=config_to_dict(cfg), step=tc.steps)
-        echo(f"adapter saved: {path}")
+        frozen = state.frozen
+        if jax.process_count() > 1:  # every host joins the gather; host 0 writes the file
+            adapter, frozen = multihost_utils.process_allgather((adapter, frozen), tiled=True)
+        if is_main:
+            path = save_adapter(run_dir / "adapters", adapter, frozen, cfg.peft,
+                                recipe=config_to_dict(cfg), step=tc.steps)
+            echo(f"adapter saved: {path}")
 
     samples = []
-    if tc.sample_prompts and is_main:
+    if tc.sample_prompts:  # every host runs the (sharded) generation; host 0 writes and prints
         prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in tc.sample_prompts]
         sampling = SamplingConfig(max_new_tokens=tc.sample_tokens, temperature=tc.sample_temperature,
                                   top_p=0.95, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
         gen = generate(model, state.params, prompts, sampling, jax.random.PRNGKey(tc.seed))
         samples = [p + tokenizer.decode(t) for p, t in zip(tc.sample_prompts, gen.tokens)]
-        atomic_write_text(run_dir / "samples.txt", "\n\n-----\n\n".join(samples) + "\n")
-        for s in samples:
-            echo("--- sample ---\n" + s)
+        if is_main:
+            atomic_write_text(run_dir / "samples.txt", "\n\n-----\n\n".join(samples) + "\n")
+            for s in samples:
+                echo("--- sample ---\n" + s)
 
     tps = timed_steps * tokens_per_step / timed_s if timed_s else float("nan")
     result = TrainResult(run_dir, tc.steps, last_loss, final_eval, tps, compile_s, samples)

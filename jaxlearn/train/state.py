@@ -63,21 +63,25 @@ def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, opti
 
 
 def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total_steps: int,
-                params: Any | None = None, prompt_init_ids: Any | None = None) -> StateSetup:
+                params: Any | None = None, prompt_init_ids: Any | None = None,
+                abstract: bool = False) -> StateSetup:
     """Create the initial state directly into its shardings (no unsharded copy on one device).
 
     `params`, when given (an imported checkpoint), is used instead of a fresh init. PEFT
     adapters from `cfg.peft` are attached and the tree is split by its trainable filter;
     `prompt_init_ids` start a soft prompt from those tokens' embeddings (prompt tuning).
+    `abstract=True` allocates nothing: the state's leaves are `ShapeDtypeStruct`s carrying their
+    shardings, traced from the same `create` function (ahead-of-time compilation of models too
+    big for this machine, over devices that are not here; see jaxlearn/pod/compile.py).
     """
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
     base_abstract, base_logical = abstract_params(model)
     sites = find_sites(base_abstract, base_logical, cfg.peft) if cfg.peft.type in SEAM_METHODS else []
     peft_key = jax.random.PRNGKey(cfg.peft.seed)
-    abstract = jax.eval_shape(lambda p: attach(p, cfg.peft, sites, peft_key, prompt_init_ids), base_abstract)
+    attached = jax.eval_shape(lambda p: attach(p, cfg.peft, sites, peft_key, prompt_init_ids), base_abstract)
     logical = attach_axes(base_logical, cfg.peft, sites)
     patterns = trainable_patterns(cfg.peft)
-    abstract_trainable, _ = split_params(abstract, patterns)
+    abstract_trainable, _ = split_params(attached, patterns)
     shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable)
 
     def create(key, given):
@@ -87,5 +91,10 @@ def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                           opt_state=optimizer.init(trainable), rng=jax.random.fold_in(key, 1))
 
-    state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed), params)
+    key = jax.random.PRNGKey(cfg.train.seed)
+    if abstract:
+        shapes = jax.eval_shape(create, key, params)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    else:
+        state = jax.jit(create, out_shardings=shardings)(key, params)
     return StateSetup(state, shardings, optimizer, schedule, logical)

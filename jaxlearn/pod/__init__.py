@@ -1,0 +1,1 @@
+"""Pod readiness: TPU generation facts and ahead-of-time fit checks (`jaxlearn compile`)."""
