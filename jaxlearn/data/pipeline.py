@@ -145,6 +145,11 @@ def make_train_iterator(
     >>> sorted(next(it))                                               # doctest: +SKIP
     ['inputs', 'loss_mask', 'positions', 'segment_ids', 'targets']
     """
+    if _is_chat(data_cfg):  # instruction data: loss-masked, first-fit-packed SFT batches
+        from jaxlearn.data.sft import make_sft_train_iterator
+
+        return make_sft_train_iterator(data_cfg, tokenizer, shard_index=shard_index, shard_count=shard_count,
+                                       seed=seed)[0]
     if data_cfg.num_workers > 0:
         _allow_grain_workers()
     ds = pretrain_dataset(
@@ -219,6 +224,10 @@ def make_eval_batches(
     >>> sum(b["loss_mask"].sum() for b in bs)       # tokens scored                 # doctest: +SKIP
     16384.0
     """
+    if _is_chat(data_cfg):  # instruction data: the validation split, SFT-encoded
+        from jaxlearn.data.sft import make_sft_eval_batches
+
+        return make_sft_eval_batches(data_cfg, tokenizer, max_batches, shard_index, shard_count)[0]
     return eval_batches(
         make_source(data_cfg, "eval"),
         tokenizer,
@@ -245,6 +254,10 @@ def ensure_tokenizer(data_cfg: Any, run_dir: str | os.PathLike) -> Tokenizer:
 
         return load_tokenizer(data_cfg.tokenizer)
     path = Path(run_dir).expanduser() / "tokenizer.model"
+    if not path.exists() and _is_chat(data_cfg):
+        raise DataError(f"data.source={data_cfg.source} holds conversations for fine-tuning, so there is no text to "
+                        f"train a tokenizer on; set data.tokenizer to the model's tokenizer (a preset such as "
+                        f"smollm2-135m-instruct, or a pretraining run's tokenizer.model).")
     if not path.exists():
         source = make_source(data_cfg, "train")
         train_tokenizer(_text_sample(source, _TOKENIZER_CHARS), path.with_suffix(""),
@@ -292,6 +305,12 @@ class _JsonSafeStateIterator(grain.DatasetIterator):
         slices = state.get("remainder_slices", {})
         state = {**state, "remainder_slices": {k: tuple(v) for k, v in slices.items()}}
         self._parent.set_state(state)
+
+
+def _is_chat(data_cfg: Any) -> bool:
+    from jaxlearn.data.sft import is_chat
+
+    return is_chat(data_cfg)
 
 
 def _per_host_batch(batch_size: int, shard_index: int, shard_count: int) -> int:

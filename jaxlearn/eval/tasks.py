@@ -1,0 +1,233 @@
+"""Evaluation tasks and the harness behind `jaxlearn eval --tasks ...`.
+
+| task | data (split by `--split`) | how it is scored | headline metric |
+|---|---|---|---|
+| `antonyms` | WordNet antonyms | greedy reply (max 12 new tokens) vs the accept-set | `exact_match` (also `contains`: an accepted word appears in the reply) |
+| `definitions` | WordNet definitions | log-likelihood of the reference gloss given the prompt | `nll_per_token` (lower is better) |
+| `definitions_gen` | WordNet definitions | greedy reply (max 24 new tokens) vs the gloss | `exact_match`, `token_f1` |
+| `humaneval` | HumanEval | greedy reply, executed with the tests in the sandbox | `pass@1` |
+| `perplexity:<corpus>` | eval split of `shakespeare` or `brown` | held-out text, no chat template | `perplexity` |
+
+`--limit N` takes a fixed sample of N examples (the smallest hashes of their ids), the same
+for every model, so before/after numbers compare like for like. Example::
+
+    em = load_eval_model("smollm2-135m-instruct")
+    results = run_tasks(em, ["antonyms", "perplexity:brown"], split="test", limit=100)
+    write_report(results, em, "out/eval-base")        # results.json, results.md, examples/*.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from jaxlearn.data.corpora import stable_fraction
+from jaxlearn.data.errors import DataError
+from jaxlearn.data.instruct import Example, load_examples
+from jaxlearn.eval.models import EvalModel, corpus_perplexity, generate_replies, reference_nll
+from jaxlearn.eval.scorers import execution_passes, exact_match, normalize_answer
+
+TASKS = ("antonyms", "definitions", "definitions_gen", "humaneval", "perplexity:<corpus>")
+HEADLINE = {"antonyms": "exact_match", "definitions": "nll_per_token", "definitions_gen": "token_f1",
+            "humaneval": "pass@1", "perplexity": "perplexity"}
+
+
+@dataclasses.dataclass
+class TaskResult:
+    name: str
+    metrics: dict
+    examples: list[dict]  # per-example inputs, outputs and scores, for inspection
+    seconds: float
+
+
+def sample(examples: list[Example], limit: int | None) -> list[Example]:
+    """A fixed sample: the `limit` examples with the smallest hash of their id (all if None/0).
+
+    >>> [e.id for e in sample([Example("a", ()), Example("b", ())], 1)]
+    ['a']
+    """
+    if not limit or limit >= len(examples):
+        return list(examples)
+    return sorted(examples, key=lambda e: stable_fraction(e.id))[:limit]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Bag-of-words F1 between normalised texts (SQuAD-style).
+
+    >>> token_f1("a small cat", "small cat")
+    1.0
+    """
+    p, r = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def _contains(reply: str, answers) -> bool:
+    words = f" {normalize_answer(reply)} "
+    return any(f" {normalize_answer(a)} " in words for a in answers)
+
+
+def _antonyms(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
+    exs = sample(load_examples("wordnet_antonyms", split), limit)
+    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 12,
+                               batch_size=opts.get("batch_size", 16))
+    rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reply": r, "answers": list(e.answers),
+             "exact_match": exact_match(r, e.answers), "contains": _contains(r, e.answers)}
+            for e, r in zip(exs, replies)]
+    n = len(rows)
+    return {"exact_match": sum(r["exact_match"] for r in rows) / n, "contains": sum(r["contains"] for r in rows) / n,
+            "n": n}, rows
+
+
+def _definitions(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
+    exs = sample(load_examples("wordnet_definitions", split), limit)
+    scores = reference_nll(em, [e.messages for e in exs], batch_size=opts.get("batch_size", 16))
+    rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reference": e.reference, "nll": s, "tokens": t}
+            for e, (s, t) in zip(exs, scores)]
+    total, tokens = sum(s for s, _ in scores), sum(t for _, t in scores)
+    return {"nll_per_token": total / tokens, "mean_loglik": -total / len(rows), "perplexity": math.exp(total / tokens),
+            "tokens": tokens, "n": len(rows)}, rows
+
+
+def _definitions_gen(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
+    exs = sample(load_examples("wordnet_definitions", split), limit)
+    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 24,
+                               batch_size=opts.get("batch_size", 16))
+    rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reply": r, "reference": e.reference,
+             "exact_match": exact_match(r, e.answers), "token_f1": token_f1(r, e.reference)}
+            for e, r in zip(exs, replies)]
+    n = len(rows)
+    return {"exact_match": sum(r["exact_match"] for r in rows) / n, "token_f1": sum(r["token_f1"] for r in rows) / n,
+            "n": n}, rows
+
+
+def _humaneval(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
+    exs = sample(load_examples("humaneval", split), limit)
+    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 384,
+                               batch_size=opts.get("batch_size", 8))
+    rows = []
+    for e, r in zip(exs, replies):
+        res = execution_passes(r, e.meta["prompt"], e.meta["test"], e.meta["entry_point"],
+                               timeout=opts.get("timeout", 10.0))
+        rows.append({"id": e.id, "reply": r, "passed": res.ok, "status": res.status,
+                     "stderr_tail": res.stderr[-500:], "sandbox_network": res.network})
+    return {"pass@1": sum(r["passed"] for r in rows) / len(rows), "n": len(rows)}, rows
+
+
+def _perplexity(em: EvalModel, corpus: str, opts: dict) -> tuple[dict, list[dict]]:
+    m = corpus_perplexity(em, corpus, seq_len=opts.get("seq_len", 256), batch_size=opts.get("ppl_batch_size", 8),
+                          max_batches=opts.get("ppl_batches", 4))
+    return m, []
+
+
+_RUNNERS = {"antonyms": _antonyms, "definitions": _definitions, "definitions_gen": _definitions_gen,
+            "humaneval": _humaneval}
+
+
+def run_tasks(em: EvalModel, tasks: list[str], *, split: str = "test", limit: int | None = None,
+              echo=print, **opts: Any) -> list[TaskResult]:
+    """Run each named task on `em`; options: max_new_tokens, batch_size, timeout, ppl_batches, seq_len.
+
+    >>> [r.metrics["n"] for r in run_tasks(em, ["antonyms"], limit=10)]      # doctest: +SKIP
+    [10]
+    """
+    results = []
+    for name in tasks:
+        t0 = time.perf_counter()
+        if name.startswith("perplexity:"):
+            metrics, rows = _perplexity(em, name.split(":", 1)[1], opts)
+        elif name in _RUNNERS:
+            metrics, rows = _RUNNERS[name](em, split, limit, opts)
+        else:
+            raise DataError(f"unknown eval task {name!r}; available: {', '.join(TASKS)} "
+                            f"(e.g. --tasks antonyms,definitions,perplexity:brown).")
+        res = TaskResult(name, metrics, rows, time.perf_counter() - t0)
+        echo(f"{name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()) + f" ({res.seconds:.0f} s)")
+        results.append(res)
+    return results
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(results: list[TaskResult], title: str = "") -> str:
+    """A markdown table: one row per task and metric.
+
+    >>> print(markdown_table([TaskResult("antonyms", {"exact_match": 0.5, "n": 2}, [], 1.0)]))
+    | task | metric | value | n |
+    |---|---|---|---|
+    | antonyms | exact_match | 0.5000 | 2 |
+    """
+    lines = ([f"### {title}", ""] if title else []) + ["| task | metric | value | n |", "|---|---|---|---|"]
+    for r in results:
+        n = r.metrics.get("n", r.metrics.get("tokens", ""))
+        for k, v in r.metrics.items():
+            if k not in ("n", "tokens"):
+                lines.append(f"| {r.name} | {k} | {_fmt(v)} | {n} |")
+    return "\n".join(lines)
+
+
+def write_report(results: list[TaskResult], em_description: dict, out_dir: str | Path, *, split: str,
+                 limit: int | None) -> Path:
+    """Write `results.json`, `results.md` and `examples/<task>.jsonl` (atomically) into `out_dir`.
+
+    >>> write_report(results, em.description, "out/eval", split="test", limit=100)   # doctest: +SKIP
+    PosixPath('out/eval/results.json')
+    """
+    from jaxlearn.train.metrics import atomic_write_text
+
+    out = Path(out_dir)
+    (out / "examples").mkdir(parents=True, exist_ok=True)
+    summary = {"model": em_description, "split": split, "limit": limit,
+               "tasks": {r.name: {**r.metrics, "seconds": round(r.seconds, 1)} for r in results}}
+    for r in results:
+        if r.examples:
+            text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in r.examples)
+            atomic_write_text(out / "examples" / f"{r.name.replace(':', '_')}.jsonl", text)
+    d = em_description
+    title = (f"{d['model']}" + (f" + adapter {d['adapter']}" if d.get("adapter") else "")
+             + (" (adapters disabled)" if d.get("adapters_disabled") else "")
+             + f", split {split}" + (f", limit {limit}" if limit else "") + f"; {d.get('weights', '')}")
+    atomic_write_text(out / "results.md", markdown_table(results, title) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    return out / "results.json"
+
+
+def compare_table(result_files: list[str | Path]) -> str:
+    """Side-by-side markdown table of several `results.json` files (e.g. before/after SFT).
+
+    >>> print(compare_table(["out/base/results.json", "out/sft/results.json"]))   # doctest: +SKIP
+    """
+    runs = []
+    for f in result_files:
+        path = Path(f)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; pass results.json files (or --out directories) of jaxlearn eval.")
+        runs.append(json.loads(path.read_text(encoding="utf-8")))
+
+    def label(r: dict) -> str:
+        m = r["model"]
+        return (Path(m["model"]).name + (" + " + Path(m["adapter"]).parent.parent.name + " adapter" if m.get("adapter") else "")
+                + (" (adapters off)" if m.get("adapters_disabled") else ""))
+
+    keys = []
+    for r in runs:
+        for task, metrics in r["tasks"].items():
+            for k in metrics:
+                if k not in ("n", "tokens", "seconds") and (task, k) not in keys:
+                    keys.append((task, k))
+    lines = ["| task | metric | " + " | ".join(label(r) for r in runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for task, k in keys:
+        vals = [r["tasks"].get(task, {}).get(k) for r in runs]
+        lines.append(f"| {task} | {k} | " + " | ".join("" if v is None else _fmt(v) for v in vals) + " |")
+    return "\n".join(lines)
