@@ -111,7 +111,32 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_eval_tasks(args) -> int:
+    from jaxlearn.eval.models import load_eval_model
+    from jaxlearn.eval.tasks import compare_table, run_tasks, write_report
+
+    if args.compare:
+        print(compare_table(args.compare))
+        return 0
+    spec = args.model or args.run
+    if not spec:
+        raise ValueError("name the model: jaxlearn eval --model smollm2-135m-instruct --tasks ... (or a run directory).")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    em = load_eval_model(spec, adapter=args.adapter, no_adapters=args.no_adapters)
+    opts = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "ppl_batches": args.ppl_batches}
+    results = run_tasks(em, tasks, split=args.split, limit=args.limit or None, **opts)
+    out = Path(args.out or (Path(args.run) / "eval_tasks" if args.run and not args.model else "eval_out"))
+    path = write_report(results, em.description, out, split=args.split, limit=args.limit or None)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"wrote {path}, {out / 'results.md'} and per-example outputs in {out / 'examples'}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
+    if args.tasks or args.model or args.compare:  # the task harness (jaxlearn/eval/)
+        return _cmd_eval_tasks(args)
+    if not args.run:
+        raise ValueError("give a run directory (held-out perplexity) or --model/--tasks (the task harness).")
     from jaxlearn.data.pipeline import make_eval_batches
     from jaxlearn.objectives.lm import make_objective
     from jaxlearn.train.loop import evaluate
@@ -153,8 +178,11 @@ def _cmd_tokenizer_train(args) -> int:
 def _cmd_data_fetch(args) -> int:
     from jaxlearn.data.corpora import fetch_corpus
 
+    from jaxlearn.data.corpora import fetch_humaneval, fetch_wordnet
+
+    fetchers = {"wordnet": fetch_wordnet, "humaneval": fetch_humaneval}
     for name in args.names:
-        print(f"{name}: {fetch_corpus(name)}")
+        print(f"{name}: {fetchers[name]() if name in fetchers else fetch_corpus(name)}")
     return 0
 
 
@@ -262,8 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-unused", action="store_true", help="ignore checkpoint tensors the model does not use")
     c.set_defaults(fn=_cmd_convert)
 
-    e = sub.add_parser("eval", help="held-out loss and perplexity of a run's latest checkpoint")
-    e.add_argument("run")
+    e = sub.add_parser("eval", help="held-out loss/perplexity of a run, or tasks (--tasks) on a run or --model")
+    e.add_argument("run", nargs="?", help="run directory (without --tasks: its held-out loss and perplexity)")
+    e.add_argument("--model", help="a preset (smollm2-135m-instruct), .gguf file or HF directory to evaluate")
+    e.add_argument("--adapter", help="an adapter version directory (runs/NAME/adapters/v1) to put on --model")
+    e.add_argument("--no-adapters", action="store_true", help="evaluate the base alone (adapters removed)")
+    e.add_argument("--tasks", help="comma-separated: antonyms, definitions, definitions_gen, humaneval, "
+                                   "perplexity:brown, perplexity:shakespeare")
+    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--limit", type=int, default=0, help="a fixed sample of N examples per task (0: all)")
+    e.add_argument("--out", help="report directory (results.json, results.md, examples/)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=0, help="0: the task's default")
+    e.add_argument("--ppl-batches", type=int, default=4, help="perplexity tasks: batches of 8 x 256 tokens")
+    e.add_argument("--compare", nargs="+", help="print a side-by-side table of results.json files and exit")
     e.add_argument("--batches", type=int, default=0, help="eval batches (default: train.eval_batches)")
     e.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. data.source=brown")
     e.set_defaults(fn=_cmd_eval)
@@ -299,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data tools")
     ds = d.add_subparsers(dest="data_command", required=True)
     df = ds.add_parser("fetch", help="download a real corpus into the cache (JAXLEARN_CACHE)")
-    df.add_argument("names", nargs="+", choices=["shakespeare", "brown"])
+    df.add_argument("names", nargs="+", choices=["shakespeare", "brown", "wordnet", "humaneval"])
     df.set_defaults(fn=_cmd_data_fetch)
     return p
 

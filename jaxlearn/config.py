@@ -88,7 +88,8 @@ class ModelConfig:
 class DataConfig:
     """Where text comes from and how it becomes batches."""
 
-    source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds"] = "shakespeare"
+    source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds",
+                    "wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval"] = "shakespeare"
     paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord; tfds data_dir
     text_field: str = "text"  # jsonl/parquet/tfds field holding the document text
     tfds_name: str = ""  # registered TFDS builder name (source: tfds)
@@ -104,6 +105,15 @@ class DataConfig:
     # 0: one per host. Set it to a multiple of every host count you will run with, and the data
     # order and data checkpoints stay the same when the number of hosts changes.
     shards: int = 0
+    # Instruction data (SFT, see jaxlearn/data/sft.py). `chat`: jsonl/parquet records are
+    # conversations (`messages`, or `prompt`/`response`); the wordnet*/humaneval sources are
+    # always chat. Loss falls on assistant tokens only unless train_on_prompt.
+    format: Literal["text", "chat"] = "text"
+    train_on_prompt: bool = False
+    # Examples longer than seq_len + 1 tokens: `left` cuts prompt tokens from the left when the
+    # whole response still fits (else the example is dropped); `drop` drops them. Both counted.
+    truncation: Literal["left", "drop"] = "left"
+    max_examples: int = 0  # chat: use at most this many training examples (0: all), a fixed sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +188,6 @@ class MeshConfig:
     # Multi-slice TPU (slices joined by the data-center network): the `data` axis spans the
     # slices, `data`/`fsdp`/`tensor` above describe one slice. 1: a single slice.
     slices: int = 1
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jaxlearn.config import Config, config_to_dict, dump_config
 from jaxlearn.data.pipeline import ensure_tokenizer, make_eval_batches, make_train_iterator
 from jaxlearn.distributed import HostFeed, host_eval_batches
+from jaxlearn.data.sft import is_chat, make_sft_eval_batches, make_sft_train_iterator
 from jaxlearn.models.generate import SamplingConfig, generate
 from jaxlearn.models.presets import init_params as init_pretrained
 from jaxlearn.models.transformer import Transformer
@@ -104,13 +105,22 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
     n_proc, proc = jax.process_count(), jax.process_index()
     if cfg.data.batch_size % n_proc:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must divide over {n_proc} hosts.")
-    # each host feeds the document shards it owns (jaxlearn/distributed.py)
-    train_iter = HostFeed.for_config(cfg.data, tokenizer)
-    eval_batches = host_eval_batches(cfg.data, tokenizer, tc.eval_batches)
+    data_report = None
+    if is_chat(cfg.data):  # SFT: the same batches, plus counts of truncated/dropped examples
+        train_iter, train_stats = make_sft_train_iterator(cfg.data, tokenizer, shard_index=proc, shard_count=n_proc)
+        eval_batches, eval_stats = make_sft_eval_batches(cfg.data, tokenizer, tc.eval_batches,
+                                                         shard_index=proc, shard_count=n_proc)
+        data_report = {"train": dataclasses.asdict(train_stats), "validation": dataclasses.asdict(eval_stats)}
+        echo(f"SFT data, train: {train_stats.summary()}\nSFT data, validation: {eval_stats.summary()}")
+    else:  # each host feeds the document shards it owns (jaxlearn/distributed.py)
+        train_iter = HostFeed.for_config(cfg.data, tokenizer)
+        eval_batches = host_eval_batches(cfg.data, tokenizer, tc.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        if data_report is not None:
+            atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2) + "\n")
 
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh)
