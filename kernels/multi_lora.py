@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlearn.kernels.lora import F32, Blocks, fused_lora, make_plan
 
@@ -41,6 +42,7 @@ def multi_lora_matmul(x: jax.Array, w, a_bank: jax.Array, b_bank: jax.Array, sca
 def multi_lora_loop(x, w, a_bank, b_bank, scales, ids):
     """The per-example loop multi_lora_matmul must equal (a test oracle; plain XLA, f32)."""
     w = jnp.asarray(w, F32)
+    ids = np.asarray(ids)  # concrete: the loop is unrolled in Python
     rows = []
     for i in range(x.shape[0]):
         n = int(ids[i])
