@@ -67,7 +67,8 @@ def load_eval_model(spec: str, *, adapter: str | None = None, no_adapters: bool 
     from jaxlearn.models.presets import PRESETS, load_pretrained
     from jaxlearn.models.transformer import Transformer
 
-    desc: dict = {"model": str(spec), "adapter": str(adapter) if adapter else None, "adapters_disabled": no_adapters}
+    adapter = str(Path(adapter).absolute()) if adapter else None  # orbax wants absolute paths
+    desc: dict = {"model": str(spec), "adapter": adapter, "adapters_disabled": no_adapters}
     if (Path(spec) / "config.yaml").is_file():
         from jaxlearn.run import open_run
 
