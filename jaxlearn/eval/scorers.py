@@ -56,14 +56,22 @@ def extract_code(text: str) -> str:
 
 
 def humaneval_program(reply: str, prompt: str, test: str, entry_point: str) -> str:
-    """The program that checks a reply: the function (the reply's code; prefixed by the prompt
-    when the reply is only a body), the problem's `check`, and `check(entry_point)`.
+    """The program that checks a reply: the prompt, the reply's code, the problem's `check`, and
+    `check(entry_point)`.
+
+    A reply that only continues the body is appended to the prompt directly. A reply holding
+    the whole function comes after the prompt's stub (completed with `pass`), so the prompt's
+    imports and helper functions are defined and the reply's definition replaces the stub.
 
     >>> "check(add)" in humaneval_program("def add(a, b):\\n    return a + b\\n", "def add(a, b):\\n", "", "add")
     True
     """
     code = extract_code(reply)
-    if not re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+    if not prompt.strip():
+        pass  # nothing to put before the reply
+    elif re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+        code = f"{prompt.rstrip()}\n    pass\n\n\n{code}"  # `pass` keeps a stub without a docstring valid
+    else:
         code = prompt + code  # a completion of the body only
     return f"{code}\n\n{test}\n\ncheck({entry_point})\n"
 

@@ -49,7 +49,7 @@ def sample(examples: list[Example], limit: int | None) -> list[Example]:
     """A fixed sample: the `limit` examples with the smallest hash of their id (all if None/0).
 
     >>> [e.id for e in sample([Example("a", ()), Example("b", ())], 1)]
-    ['a']
+    ['b']
     """
     if not limit or limit >= len(examples):
         return list(examples)

@@ -41,4 +41,10 @@ def test_canonical_solutions_pass_and_mutations_fail(problems):
 
 def test_program_layout():
     prog = humaneval_program("```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b):\n", "T", "add")
-    assert prog.startswith("def add(a, b):\n    return a + b\n") and prog.rstrip().endswith("check(add)")
+    assert "def add(a, b):\n    return a + b\n" in prog and prog.rstrip().endswith("check(add)")
+    # A whole-function reply that relies on the prompt's imports (as models write them) runs.
+    prompt = 'from typing import List\n\n\ndef first(xs: List[int]) -> int:\n    """First item."""\n'
+    reply = "```python\ndef first(xs: List[int]) -> int:\n    return xs[0]\n```"
+    test = "def check(f):\n    assert f([3, 4]) == 3\n"
+    assert execution_passes(reply, prompt, test, "first").ok
+    assert not execution_passes(reply.replace("xs[0]", "xs[1]"), prompt, test, "first").ok
