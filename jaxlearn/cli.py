@@ -113,7 +113,7 @@ def _cmd_convert(args) -> int:
 
 def _cmd_eval_tasks(args) -> int:
     from jaxlearn.eval.models import load_eval_model
-    from jaxlearn.eval.tasks import compare_table, run_tasks, write_report
+    from jaxlearn.eval.tasks import check_tasks, compare_table, run_tasks, write_report
 
     if args.compare:
         print(compare_table(args.compare))
@@ -122,6 +122,7 @@ def _cmd_eval_tasks(args) -> int:
     if not spec:
         raise ValueError("name the model: jaxlearn eval --model smollm2-135m-instruct --tasks ... (or a run directory).")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    check_tasks(tasks)  # before the (slow) model load
     em = load_eval_model(spec, adapter=args.adapter, no_adapters=args.no_adapters)
     opts = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "ppl_batches": args.ppl_batches}
     results = run_tasks(em, tasks, split=args.split, limit=args.limit or None, **opts)

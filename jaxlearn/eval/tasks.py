@@ -132,6 +132,26 @@ _RUNNERS = {"antonyms": _antonyms, "definitions": _definitions, "definitions_gen
             "humaneval": _humaneval}
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Refuse unknown task names before any model is loaded.
+
+    >>> check_tasks(["antonyms", "perplexity:brown"])
+    >>> check_tasks(["antonym"])
+    Traceback (most recent call last):
+    ...
+    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, humaneval, perplexity:<corpus> (e.g. --tasks antonyms,definitions,perplexity:brown).
+    """
+    if not tasks:
+        raise DataError("no eval tasks given; pass e.g. --tasks antonyms,definitions,perplexity:brown.")
+    for name in tasks:
+        corpus = name.split(":", 1)[1] if name.startswith("perplexity:") else None
+        if corpus is not None and corpus not in ("shakespeare", "brown"):
+            raise DataError(f"unknown corpus in eval task {name!r}; use perplexity:brown or perplexity:shakespeare.")
+        if corpus is None and name not in _RUNNERS:
+            raise DataError(f"unknown eval task {name!r}; available: {', '.join(TASKS)} "
+                            f"(e.g. --tasks antonyms,definitions,perplexity:brown).")
+
+
 def run_tasks(em: EvalModel, tasks: list[str], *, split: str = "test", limit: int | None = None,
               echo=print, **opts: Any) -> list[TaskResult]:
     """Run each named task on `em`; options: max_new_tokens, batch_size, timeout, ppl_batches, seq_len.
@@ -139,6 +159,7 @@ def run_tasks(em: EvalModel, tasks: list[str], *, split: str = "test", limit: in
     >>> [r.metrics["n"] for r in run_tasks(em, ["antonyms"], limit=10)]      # doctest: +SKIP
     [10]
     """
+    check_tasks(tasks)
     results = []
     for name in tasks:
         t0 = time.perf_counter()

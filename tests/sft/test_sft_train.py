@@ -55,6 +55,16 @@ def test_chat_recipe_trains_and_reports_its_data(chat_data, tmp_path):
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["examples"] + report["validation"]["examples"] <= 60
     assert report["train"]["kept"] == report["train"]["examples"] and report["train"]["dropped_too_long"] == 0
+    # The task harness on the run: a SentencePiece chat model, generation and log-likelihood.
+    from jaxlearn.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "antonyms,definitions", "--limit", "3", "--out", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["tasks"]["antonyms"]["n"] == 3 and summary["tasks"]["definitions"]["nll_per_token"] > 0
+    assert len((out / "examples" / "antonyms.jsonl").read_text().splitlines()) == 3
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "antonym"]) == 2  # unknown task: exit 2, no load
 
 
 def test_chat_data_needs_the_models_tokenizer(chat_data, tmp_path):
