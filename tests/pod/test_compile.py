@@ -118,3 +118,15 @@ def test_llama3_8b_full_ft_on_v5p_4x4x4():
     params, moments = _state_bytes_total(cfg)
     assert params / 64 <= r.trainable_bytes <= params / 64 * 1.05
     assert moments / 64 <= r.opt_state_bytes <= moments / 64 * 1.05 + 64
+
+
+def test_two_slices_put_the_data_axis_over_dcn():
+    cfg = Config(model=dataclasses.replace(tiny_model_config(vocab_size=512), compute_dtype="bfloat16"),
+                 data=DataConfig(seq_len=64, batch_size=16))
+    one = fit_check(cfg, "v5e:2x2", count_flops=False)
+    two = fit_check(cfg, "v5e:2x2", slices=2, count_flops=False)
+    assert two.n_devices == 8 and two.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert two.accelerator == "v5litepod-4 x 2 slices"
+    # weights shard within a slice only: the same per-device weight bytes as one slice
+    assert two.trainable_bytes == one.trainable_bytes and two.opt_state_bytes == one.opt_state_bytes
+    assert two.batch_bytes * 2 == one.batch_bytes  # the batch splits over both slices
