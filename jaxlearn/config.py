@@ -53,6 +53,9 @@ class ModelConfig:
     init_std: float = 0.02
     # auto: jax.nn.dot_product_attention (fused kernels) on GPU/TPU, the einsum path on CPU
     attention: Literal["auto", "xla", "dot_product_attention"] = "auto"
+    # LoRA matmuls in the linear seam (jaxlearn/kernels): auto = fused Pallas kernels on TPU/GPU,
+    # XLA on CPU; pallas = Pallas everywhere (CPU: interpret mode, slow); xla = never Pallas.
+    kernels: Literal["auto", "pallas", "xla"] = "auto"
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     # Start from pretrained weights: a preset name (smollm2-135m-instruct), a .gguf file or a
     # Hugging Face safetensors directory; empty: random init. See jaxlearn/models/presets.py.
@@ -152,10 +155,15 @@ class PeftConfig:
     prefix_hidden: int = 256  # prefix: width of the reparametrisation MLP used during training
     init_text: str = ""  # prompt: initialise the soft prompt from this text's token embeddings
     seed: int = 0  # adapter initialisation
+    # lora/dora: store the frozen base of the adapted layers quantized (QLoRA): int8 per-channel
+    # or nf4 with block scales, dequantised tile by tile in the kernels (jaxlearn/peft/quantize.py)
+    quantize: Literal["none", "int8", "nf4"] = "none"
 
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"peft.dropout: {self.dropout!r} is out of range; use a rate in [0, 1), e.g. 0.05.")
+        if self.quantize != "none" and self.type not in ("lora", "dora"):
+            raise ConfigError(f"peft.quantize applies to lora/dora only (peft.type is {self.type!r}); set it to none.")
         if self.dropout and self.type not in ("lora", "dora"):
             raise ConfigError(f"peft.dropout applies to lora/dora only (peft.type is {self.type!r}); set it to 0.")
 

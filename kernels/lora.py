@@ -72,11 +72,15 @@ def default_blocks(impl: str, t: int, d_in: int, d_out: int, dtype, w=None) -> B
         tn = min(512, _round_up(d_out, 128))
         tk = min(512, _round_up(d_in, 128))
     else:
-        tm = min(64, max(16, pl.next_power_of_2(t)))
+        # Triton: 128 x 128 output tiles stepping 64 deep (the usual H100 shape); the dx kernel
+        # swaps the roles (128-wide dx tiles stepping 64 over d_out), see `_dx`.
+        tm = min(128, max(16, pl.next_power_of_2(t)))
         tn = min(128, max(16, pl.next_power_of_2(d_out)))
         tk = min(64, max(16, pl.next_power_of_2(d_in)))
     if isinstance(w, QuantizedWeight) and w.fmt == "nf4":
         tk = w.group  # a tile must be one packing group
+        if impl == "gpu":  # the dx kernel keeps a [tm, group] accumulator in registers
+            tm, tn = min(tm, 32), min(tn, 64)
     return Blocks(tm, tn, tk)
 
 
@@ -317,8 +321,9 @@ def _gpu_dx_kernel(fmt, n_w, tk, nj, tn, ids_ref, dy_ref, *refs):
 
 def _gpu_call(kernel, name, grid, in_specs, out_specs, out_shape, interpret):
     from jax.experimental.pallas import triton as plgpu
+    tile = out_shape[0].shape[1] // grid[1] * out_shape[0].shape[0] // grid[0]  # output tile elements
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+                          compiler_params=plgpu.CompilerParams(num_warps=8 if tile >= 128 * 128 else 4, num_stages=3),
                           interpret=interpret, name=name)
 
 
@@ -369,11 +374,15 @@ class Plan:
 
 
 def _pad_operands(plan: Plan, d_in: int, fmt, w_arrays, a, bs):
-    """Padded d_in and weight/adapter operands at block multiples (r at 16: Triton's smallest dot)."""
+    """Padded d_in and weight/adapter operands at block multiples."""
     blk = plan.blocks
     d_out, r = bs.shape[2], a.shape[2]
-    r_p = _round_up(r, 16) if plan.impl == "gpu" else r
-    d_in_p, d_out_p = _round_up(d_in, blk.tk), _round_up(d_out, blk.tn)
+    # Triton: every loaded block's size a power of two, every dot at least 16 deep
+    r_p = max(16, pl.next_power_of_2(r)) if plan.impl == "gpu" else r
+    if plan.impl == "gpu":  # dx swaps tk and tn (powers of two: the larger is a multiple of both)
+        d_in_p, d_out_p = _round_up(d_in, max(blk.tk, blk.tn)), _round_up(d_out, max(blk.tk, blk.tn))
+    else:
+        d_in_p, d_out_p = _round_up(d_in, blk.tk), _round_up(d_out, blk.tn)
     if fmt == "nf4":
         d_in_p = max(d_in_p, w_arrays[0].shape[0] * 2)
     ap = jnp.pad(a, ((0, 0), (0, d_in_p - d_in), (0, r_p - r)))
@@ -429,8 +438,12 @@ def _dx(plan: Plan, dy, w, a, bs, ids, d_in):
     _, wp, ap, bp = _pad_operands(plan, d_in, fmt, arrays, a, bs)
     dyp = _tokens_padded(dy, plan.blocks.tm, bp.shape[2])
     tile_ids = jnp.repeat(ids.astype(jnp.int32), dyp.shape[0] // g // plan.blocks.tm)
+    blk = plan.blocks
+    if plan.impl == "gpu" and fmt != "nf4":
+        # dx tiles are [tm, tk] stepping tn over d_out: wide output tiles, a short step
+        blk = Blocks(blk.tm, tn=min(blk.tn, blk.tk), tk=max(blk.tn, blk.tk))
     run = _tpu_dx if plan.impl == "tpu" else _gpu_dx
-    dx, u = run(dyp, fmt, wp, ap, bp, tile_ids, plan.blocks, plan.interpret)
+    dx, u = run(dyp, fmt, wp, ap, bp, tile_ids, blk, plan.interpret)
     dx, u = dx.reshape(g, -1, dx.shape[1]), u.reshape(g, -1, u.shape[1])
     return dx[:, :s, :d_in], u[:, :s, :a.shape[2]]
 

@@ -54,6 +54,8 @@ class QuantizedWeight:
     fmt: str = dataclasses.field(metadata=dict(static=True))
     d_in: int = dataclasses.field(metadata=dict(static=True))  # true rows (before padding)
     group: int = dataclasses.field(metadata=dict(static=True), default=0)  # nf4 packing group
+    # the linear layer's own kernel shape (e.g. [d, heads, head_dim]) when it is not 2-D
+    kernel_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -126,6 +128,23 @@ def dequantize_pieces(fmt: str, q: jax.Array, scale: jax.Array, rows: int, dtype
         s_lo, s_hi = expand_rows(scale[:n_half], half), expand_rows(scale[n_half:], half)
         return [(0, half, (lo * s_lo).astype(dtype)), (half, half, (hi * s_hi).astype(dtype))]
     raise ValueError(f"unknown quantization {fmt!r}; use one of {FORMATS}.")
+
+
+def nf4_group(d_in: int) -> int:
+    """The packing group jaxlearn's models use for an NF4 weight with `d_in` rows: the largest of
+    512/256/128 that pads d_in least (so a layer can rebuild its QuantizedWeight from shapes).
+    TPU kernels need 512 (an (8, 128)-aligned scale tile); GPU and the XLA path take any.
+
+    >>> nf4_group(2048), nf4_group(576), nf4_group(768)
+    (512, 128, 256)
+    """
+    return min((512, 256, 128), key=lambda g: (-(-d_in // g) * g, -g))
+
+
+def dequantize_kernel(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    """`dequantize`, reshaped to the layer's kernel shape when one was recorded."""
+    w = dequantize(qw, dtype)
+    return w.reshape(qw.kernel_shape) if qw.kernel_shape else w
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:

@@ -76,22 +76,45 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"  # ModelConfig.kernels: auto | pallas | xla (jaxlearn/kernels/dispatch.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.n_in:]
         # Normal(std) over the fan-in regardless of how many axes it is split into.
         init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), tuple(self.axes))
-        kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
+        params = self.variables.get("params", {})
+        if "kernel_q" in params:  # a quantized frozen base (peft.quantize, jaxlearn/peft/quantize.py)
+            kernel = quantized_kernel(params["kernel_q"], params["kernel_scale"], tuple(in_shape) + tuple(self.features),
+                                      len(in_shape))
+        else:
+            kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
         # PEFT attaches adapter leaves beside `kernel` (jaxlearn/peft/attach.py); apply them here.
-        adapters = {k: v for k, v in self.variables.get("params", {}).items() if k != "kernel"}
+        adapters = {k: v for k, v in params.items() if k not in ("kernel", "kernel_q", "kernel_scale")}
         # LoRA dropout only when the caller supplies a 'dropout' rng (training); evaluation and
         # generation pass none and are deterministic.
         rng = self.make_rng("dropout") if "lora_dropout" in adapters and self.has_rng("dropout") else None
+        # LoRA as one fused Pallas kernel where `kernels` resolves to one (TPU/GPU by default);
+        # with dropout, A sees another x than W, so that case stays on the XLA path.
+        from jaxlearn.kernels.dispatch import resolve
+        impl, interpret = resolve(self.kernels)
+        if impl != "xla" and "lora_a" in adapters and rng is None:
+            return fused_adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, impl, interpret)
         return adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, dropout_rng=rng)
 
 
-def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 1,
+def quantized_kernel(q: jax.Array, scale: jax.Array, kernel_shape: tuple[int, ...], n_in: int):
+    """The QuantizedWeight of a linear layer's `kernel_q`/`kernel_scale` leaves (format from the
+    code dtype: int8 -> int8, uint8 -> nf4, whose packing group follows from d_in)."""
+    from jaxlearn.kernels.quant import QuantizedWeight, nf4_group
+
+    d_in = math.prod(kernel_shape[:n_in])
+    if q.dtype == jnp.int8:
+        return QuantizedWeight(q, scale, "int8", d_in, 0, kernel_shape)
+    return QuantizedWeight(q, scale, "nf4", d_in, nf4_group(d_in), kernel_shape)
+
+
+def adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int = 1,
                    dropout_rng: jax.Array | None = None) -> jax.Array:
     """`linear` plus whatever adapters sit beside the kernel (no adapters: exactly `linear`).
 
@@ -101,14 +124,25 @@ def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 
     `dropout_rng` and a `lora_dropout` rate leaf, LoRA's input is dropped (inverted dropout);
     the base path never is.
 
+    This is the plain XLA path (and the reference of `fused_adapted_linear`). `kernel` may be a
+    QuantizedWeight (QLoRA): it is dequantised whole first, the same math as the kernels' tiles.
+
     >>> adapted_linear(jnp.ones((2, 3)), jnp.ones((3, 4)), {}).shape
     (2, 4)
     """
+    if not isinstance(kernel, jax.Array):  # QuantizedWeight on the XLA path
+        from jaxlearn.kernels.quant import dequantize_kernel
+        kernel = dequantize_kernel(kernel, x.dtype)
     if not adapters:
         return linear(x, kernel, n_in)
     if "ia3_in" in adapters:
         x = x * adapters["ia3_in"].astype(x.dtype)
     y = linear(x, kernel, n_in)
+    return _after_base(x, y, kernel, adapters, n_in, dropout_rng)
+
+
+def _after_base(x, y, kernel, adapters, n_in, dropout_rng):
+    """The XLA path's adapters after the base product y = x W (LoRA, DoRA, IA3 out, bottleneck)."""
     if "lora_a" in adapters and adapters["lora_a"].ndim == n_in + 2:
         # Multi-adapter batch (jaxlearn/peft/multi.py): example b uses its own A[b], B[b], scale[b]
         # (gather-by-index, as in Punica's BGMV), so one batch serves many adapters.
@@ -128,12 +162,57 @@ def adapted_linear(x: jax.Array, kernel: jax.Array, adapters: dict, n_in: int = 
                                                     adapters["lora_b"].astype(jnp.float32)) * scale
             norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
             y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
+    return _output_adapters(y, adapters)
+
+
+def _output_adapters(y, adapters):
     if "ia3_out" in adapters:
         y = y * adapters["ia3_out"].astype(y.dtype)
     if "adapter_down" in adapters:
         n_out = adapters["adapter_down"].ndim - 1
         y = y + linear(nn.silu(linear(y, adapters["adapter_down"], n_out)), adapters["adapter_up"])
     return y
+
+
+def fused_adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int, impl: str,
+                         interpret: bool = False) -> jax.Array:
+    """`adapted_linear` with LoRA's x W + s (x A) B as one fused Pallas kernel (impl "tpu" or
+    "gpu", jaxlearn/kernels/lora.py) over 2-D views: the kernel's input dims flatten to d_in,
+    its output dims to d_out. DoRA, IA3 and bottleneck adapters apply around it as in the XLA
+    path; multi-adapter batches (3-D lora_a) use the per-example kernel. No LoRA dropout.
+
+    >>> x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    >>> ad = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.zeros((1, 4)), "lora_scale": jnp.float32(2)}
+    >>> fused_adapted_linear(x, w, ad, 1, "tpu", interpret=True).shape
+    (2, 4)
+    """
+    from jaxlearn.kernels.lora import lora_matmul
+    from jaxlearn.kernels.multi_lora import multi_lora_matmul
+    from jaxlearn.kernels.quant import QuantizedWeight, dequantize_kernel
+
+    if "ia3_in" in adapters:
+        x = x * adapters["ia3_in"].astype(x.dtype)
+    in_shape = x.shape[x.ndim - n_in:]
+    d_in = math.prod(in_shape)
+    quantized = isinstance(kernel, QuantizedWeight)
+    out_shape = kernel.kernel_shape[n_in:] if quantized else kernel.shape[n_in:]
+    w2 = kernel if quantized else kernel.reshape(d_in, -1).astype(x.dtype)
+    a, b = adapters["lora_a"], adapters["lora_b"]
+    r = a.shape[-1]
+    if a.ndim == n_in + 2:  # multi-adapter batch: example i uses A[i], B[i] (multi.py layout)
+        n = a.shape[0]
+        y = multi_lora_matmul(x.reshape(n, -1, d_in), w2, a.reshape(n, d_in, r), b.reshape(n, r, -1),
+                              adapters["lora_scale"], jnp.arange(n, dtype=jnp.int32), impl=impl, interpret=interpret)
+    else:
+        y = lora_matmul(x.reshape(-1, d_in), w2, a.reshape(d_in, r), b.reshape(r, -1), adapters["lora_scale"],
+                        impl=impl, interpret=interpret)
+    y = y.reshape(x.shape[:x.ndim - n_in] + tuple(out_shape))
+    if "dora_m" in adapters:
+        dense = dequantize_kernel(kernel, jnp.float32) if quantized else kernel
+        w = dense.astype(jnp.float32) + linear(a.astype(jnp.float32), b.astype(jnp.float32)) * adapters["lora_scale"]
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
+        y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
+    return _output_adapters(y, adapters)
 
 
 class RMSNorm(nn.Module):

@@ -50,7 +50,7 @@ class Attention(nn.Module):
         hd = cfg.resolved_head_dim
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         proj = lambda feats, axes, n_in=1, std=cfg.init_std, name=None: Linear(  # noqa: E731
-            feats, axes, n_in=n_in, init_std=std, dtype=dt, param_dtype=pdt, name=name)
+            feats, axes, n_in=n_in, init_std=std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels, name=name)
         q = proj((cfg.n_heads, hd), ("embed", "heads", "head_dim"), name="q")(x_btd)
         k = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x_btd)
         v = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x_btd)
@@ -102,11 +102,13 @@ class MLP(nn.Module):
     def __call__(self, x_btd):
         cfg = self.cfg
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
-        gate = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, name="gate")(x_btd)
-        up = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, name="up")(x_btd)
+        gate = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels,
+                      name="gate")(x_btd)
+        up = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels,
+                    name="up")(x_btd)
         h = constrain(self.shard, nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
         return Linear((cfg.d_model,), ("mlp", "embed"), init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
-                      dtype=dt, param_dtype=pdt, name="down")(h)
+                      dtype=dt, param_dtype=pdt, kernels=cfg.kernels, name="down")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -156,7 +158,8 @@ class Transformer(nn.Module):
             self.layers = [layer_cls(cfg, self.shard, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = RMSNorm(cfg.norm_eps, dtype=dt, param_dtype=pdt)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt)
+            self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt,
+                                  kernels=cfg.kernels)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0, return_hidden: bool = False):

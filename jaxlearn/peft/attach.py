@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxlearn.config import ModelConfig, PeftConfig
 from jaxlearn.models.layers import linear
 from jaxlearn.peft.filter import flat_paths, unflatten_paths
+from jaxlearn.peft.quantize import quantize_axes_flat, quantize_flat
 
 DEFAULT_TARGETS = {
     "lora": (r"attn/(q|k|v|o)$", r"mlp/(gate|up|down)$"),
@@ -200,6 +201,8 @@ def attach(params: dict, cfg: PeftConfig, sites: list[Site], key: jax.Array,
                 leaves[f"{site.path}/{name}"] = leaf
     for path, leaf in leaves.items():
         flat.setdefault(path, leaf)  # idempotent: existing adapters are kept
+    if cfg.quantize != "none":  # QLoRA: the adapted layers' frozen kernels stored quantized
+        flat = quantize_flat(flat, sites, cfg.quantize)
     return unflatten_paths(flat)
 
 
@@ -264,4 +267,6 @@ def attach_axes(logical: dict, cfg: PeftConfig, sites: list[Site]) -> dict:
     for site in sites:
         for name, axes in _site_axes(site, cfg).items():
             flat[f"{site.path}/{name}"] = axes
+    if cfg.quantize != "none":
+        flat = quantize_axes_flat(flat, sites)
     return unflatten_paths(flat)
