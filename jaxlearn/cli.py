@@ -359,7 +359,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow the options (`compile R.yaml --topology v5e:2x4 data.batch_size=32`).
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                           for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except KeyboardInterrupt:
