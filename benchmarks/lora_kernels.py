@@ -10,6 +10,7 @@ anywhere, the base included):
     xla_lora    the unfused XLA path: x W + s (x A) B, autodiff backward
     kernel      the fused Pallas kernel (Triton on GPU, Mosaic on TPU; on CPU interpret mode,
                 whose times mean nothing and are marked so)
+    kernel_xa_pre  (GPU) the kernel with xa = x A precomputed by XLA instead of per out tile
     kernel_int8 / kernel_nf4 / xla_int8 / xla_nf4   (--quant) quantized bases
 
 Columns: median ms over --iters after warm-up; TFLOP/s of the model FLOPs (forward 2TDO +
@@ -94,9 +95,10 @@ def _operands(t, d_in, d_out, r, dtype, seed=0):
     return x, w, a, b
 
 
-def _grad_fn(impl, interpret, w):
+def _grad_fn(impl, interpret, w, xa_mode="recompute"):
     def loss(x, a, b):
-        return jnp.sum(lora_matmul(x, w, a, b, 2.0, impl=impl, interpret=interpret).astype(jnp.float32))
+        y = lora_matmul(x, w, a, b, 2.0, impl=impl, interpret=interpret, xa_mode=xa_mode)
+        return jnp.sum(y.astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -123,6 +125,8 @@ def bench(shapes, impl, interpret, iters, quant, ceil) -> list[dict]:
                     "xla_lora": (_grad_fn("xla", False, w), (x, a, b), flops, w.nbytes)}
         if impl != "xla":
             variants["kernel"] = (_grad_fn(impl, interpret, w), (x, a, b), flops, w.nbytes)
+        if impl == "gpu":
+            variants["kernel_xa_pre"] = (_grad_fn(impl, interpret, w, "precompute"), (x, a, b), flops, w.nbytes)
         if quant:
             for fmt in ("int8", "nf4"):
                 qw = quantize(w, fmt)
@@ -141,7 +145,7 @@ def bench(shapes, impl, interpret, iters, quant, ceil) -> list[dict]:
                          "interpret": bool(interpret and name.startswith("kernel"))})
         for row in rows[-len(variants):]:
             row["lora/base"] = times[row["variant"]] / times["base"]
-            row["kernel/xla"] = (times["kernel"] / times["xla_lora"]) if row["variant"] == "kernel" else None
+            row["kernel/xla"] = (times[row["variant"]] / times["xla_lora"]) if row["variant"] in ("kernel", "kernel_xa_pre") else None
         print(" ".join(f"{r_['variant']}={r_['ms']:.3f}ms" for r_ in rows[-len(variants):]), (t, d_in, d_out, r),
               flush=True)
     return rows
@@ -163,6 +167,13 @@ def check(impl, interpret) -> list[dict]:
         (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, a, b, 1.5)
         return (y, *g)
 
+    def vg_pre(w, x, a, b):
+        def loss(x, a, b, s):
+            y = lora_matmul(x, w, a, b, s, impl="gpu", interpret=interpret, xa_mode="precompute")
+            return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+        (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, a, b, 1.5)
+        return (y, *g)
+
     cases = [(256, 512, 384, 16, jnp.float32), (300, 520, 200, 5, jnp.float32), (1000, 1024, 1536, 16, jnp.bfloat16),
              (77, 260, 130, 8, jnp.bfloat16)]
     # f32 on GPU tensor cores runs as TF32 (10-bit mantissa) unless told otherwise; bf16 has 8 bits.
@@ -174,6 +185,12 @@ def check(impl, interpret) -> list[dict]:
             if base_name != "dense" and dt == jnp.float32 and t != 256:
                 continue
             got, want = vg(impl, base, x, a, b), vg("xla", base, x, a, b)
+            if impl == "gpu" and base_name == "dense":  # the other forward variant, same checks
+                pre = vg_pre(base, x, a, b)
+                errs_pre = {n: rel(g, w_) for n, g, w_ in zip(("y", "dx", "dA", "dB", "dscale"), pre, want)}
+                ok = all(e < tol[dt] for e in errs_pre.values())
+                results.append({"case": f"xa_pre dense T{t} {d_in}x{d_out} r{r} {jnp.dtype(dt).name}", "ok": ok, **errs_pre})
+                print(("ok  " if ok else "FAIL"), results[-1], flush=True)
             errs = {n: rel(g, w_) for n, g, w_ in zip(("y", "dx", "dA", "dB", "dscale"), got, want)}
             ok = all(e < tol[dt] for e in errs.values())
             results.append({"case": f"{base_name} T{t} {d_in}x{d_out} r{r} {jnp.dtype(dt).name}", "ok": ok, **errs})

@@ -12,17 +12,27 @@ to a [tm, r] f32 scratch, which is complete after the last k of j == 0 and then 
 later j of the same row block (j and k run in order, i in parallel). At the last k,
 y_ij = acc + xa_i B_s,j. xa [T, r] is written out once as the backward's residual.
 
-Backward (no dW: W is frozen): u = dy B_s^T [T, r] is accumulated during the first in-tile of
+Backward (no dW: W is frozen): on TPU u = dy B_s^T [T, r] is accumulated during the first in-tile of
 the dx kernel and reused for the others, dx = dy W^T + u A^T in one kernel over W's tiles,
 then dA = x^T u and dB_s = xa^T dy are skinny XLA matmuls (f32 accumulation).
 
 GPU (Pallas on Triton): programs of a grid run concurrently, so nothing is shared between
-them: the grid is (i, j) with the k loop inside, and each program recomputes its xa (extra
-work r/tn of the base matmul: 16/128 = 12.5% of the forward's FLOPs at r = 16, on narrow
-tensor-core tiles). The dx kernel likewise recomputes u per in-tile.
+them: the grid is (i, j) with the k loop inside. By default each program accumulates its own
+xa in the same k loop (x is read once, but the x A work is repeated for every out tile: r/tn
+of the base matmul, 16/128 at r = 16, on narrow tensor-core tiles); `xa_mode="precompute"`
+instead computes xa once with a skinny XLA matmul (one more read of x, T d_in bytes) and the
+kernel only adds xa B_s. benchmarks/lora_kernels.py times both. In the backward u = dy B_s^T
+is always computed once (skinny XLA matmul) and the dx kernel adds u A^T to dy W^T.
+On TPU the sequential j axis makes the reuse free: LoRA adds r (1/d_in + 1/d_out) of the base
+FLOPs to the forward (0.8% at r = 16, d = 4096).
+
+Tokens are grouped (one adapter per group, `fused_lora`): one adapter is a bank of 1, and a
+multi-adapter batch picks each token tile's adapter by index (multi_lora.py).
 
 Any shape: tokens, d_in, d_out and r are zero-padded to block multiples in the wrapper and the
-result sliced (zero rows/columns add nothing to any product). Float32 and bfloat16 inputs,
+result sliced (zero rows/columns add nothing to any product). A dense W whose dims are not block
+multiples is copied padded on every call (XLA may hoist it out of a loop, not out of a step);
+model dims (multiples of 128) need no copy. Float32 and bfloat16 inputs,
 float32 accumulation everywhere; outputs in x's dtype.
 
     y = lora_matmul(x, w, a, b, 2.0, impl="xla")                # the reference
@@ -270,9 +280,15 @@ def _gpu_rows(ref, k, rows):
     return ref[pl.ds(k * rows, rows), :] if rows else ref[...]
 
 
-def _gpu_fwd_kernel(fmt, n_w, tk, nk, ids_ref, x_ref, *refs):
-    w_refs, (a_ref, b_ref, y_ref, xa_ref) = refs[:n_w], refs[n_w:]
-    tm, tn, r = y_ref.shape[0], y_ref.shape[1], a_ref.shape[2]
+def _gpu_fwd_kernel(fmt, n_w, tk, nk, xa_given, ids_ref, x_ref, *refs):
+    """y tile (i, j): loop over k. xa is either accumulated in the same loop (one pass over x,
+    recomputed by every j: r/tn extra work) or, with `xa_given`, read precomputed."""
+    w_refs, rest = refs[:n_w], refs[n_w:]
+    if xa_given:
+        xa_in_ref, b_ref, y_ref = rest
+    else:
+        a_ref, b_ref, y_ref, xa_ref = rest
+    tm, tn, r = y_ref.shape[0], y_ref.shape[1], b_ref.shape[1]
     w_rows = _w_rows(fmt, tk)
     adapter = ids_ref[pl.program_id(0)]
 
@@ -282,41 +298,41 @@ def _gpu_fwd_kernel(fmt, n_w, tk, nk, ids_ref, x_ref, *refs):
         tiles = [_gpu_rows(ref, k, rows) for ref, rows in zip(w_refs, w_rows)]
         for off, rows, piece in _pieces(fmt, tiles, tk, x.dtype, per_scale_row=True):
             acc += _dot(x_ref[:, pl.ds(k * tk + off, rows)] if rows != tk else x, piece)
-        return acc, xa + _dot(x, a_ref[adapter, pl.ds(k * tk, tk), :])
+        if not xa_given:
+            xa = xa + _dot(x, a_ref[adapter, pl.ds(k * tk, tk), :])
+        return acc, xa
 
     acc, xa = jax.lax.fori_loop(0, nk, body, (jnp.zeros((tm, tn), F32), jnp.zeros((tm, r), F32)))
+    if xa_given:
+        xa = xa_in_ref[...]
     y_ref[...] = (acc + _dot(xa.astype(b_ref.dtype), b_ref[adapter, :, :])).astype(y_ref.dtype)
 
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        xa_ref[...] = xa
+    if not xa_given:
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            xa_ref[...] = xa
 
 
 def _gpu_dx_kernel(fmt, n_w, tk, nj, tn, ids_ref, dy_ref, *refs):
-    w_refs, (a_ref, b_ref, dx_ref, u_ref) = refs[:n_w], refs[n_w:]
-    tm, r = dx_ref.shape[0], a_ref.shape[2]
+    """dx tile (i, k): loop over d_out; u = dy B_s^T comes precomputed (once, by XLA)."""
+    w_refs, (u_ref, a_ref, dx_ref) = refs[:n_w], refs[n_w:]
+    tm = dx_ref.shape[0]
     n_pieces = 1 if fmt != "nf4" else tk // 64
     adapter = ids_ref[pl.program_id(0)]
 
-    def body(j, carry):
-        accs, u = carry
+    def body(j, accs):
         dy = dy_ref[:, pl.ds(j * tn, tn)]
         tiles = [ref[:, pl.ds(j * tn, tn)] for ref in w_refs]
         pieces = _pieces(fmt, tiles, tk, dy.dtype, per_scale_row=True)
-        accs = tuple(acc + _dot(dy, piece, trans_b=True) for acc, (_, _, piece) in zip(accs, pieces))
-        return accs, u + _dot(dy, b_ref[adapter, :, pl.ds(j * tn, tn)], trans_b=True)
+        return tuple(acc + _dot(dy, piece, trans_b=True) for acc, (_, _, piece) in zip(accs, pieces))
 
     rows = tk // n_pieces
-    init = (tuple(jnp.zeros((tm, rows), F32) for _ in range(n_pieces)), jnp.zeros((tm, r), F32))
-    accs, u = jax.lax.fori_loop(0, nj, body, init)
+    accs = jax.lax.fori_loop(0, nj, body, tuple(jnp.zeros((tm, rows), F32) for _ in range(n_pieces)))
+    u = u_ref[...]
     k0 = pl.program_id(1) * tk
     for p, acc in enumerate(accs):
         a_p = a_ref[adapter, pl.ds(k0 + p * rows, rows), :]
         dx_ref[:, p * rows:(p + 1) * rows] = (acc + _dot(u.astype(a_p.dtype), a_p, trans_b=True)).astype(dx_ref.dtype)
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        u_ref[...] = u
 
 
 def _gpu_call(kernel, name, grid, in_specs, out_specs, out_shape, interpret):
@@ -327,25 +343,47 @@ def _gpu_call(kernel, name, grid, in_specs, out_specs, out_shape, interpret):
                           interpret=interpret, name=name)
 
 
-def _gpu_forward(x, fmt, w_arrays, a, bs, tile_ids, blk: Blocks, interpret):
+def _group_xa(x, a, tile_ids, tm):
+    """x A per token tile with its adapter (XLA): [T, r] f32."""
+    if a.shape[0] == 1:
+        return _dot(x, a[0])
+    g = tile_ids.shape[0]
+    xg = x.reshape(g, tm, x.shape[1])
+    return jnp.einsum("gtd,gdr->gtr", xg, a[tile_ids], preferred_element_type=F32).reshape(x.shape[0], -1)
+
+
+def _gpu_forward(x, fmt, w_arrays, a, bs, tile_ids, blk: Blocks, interpret, xa_mode="recompute"):
     t, d_in = x.shape
     d_out, r = bs.shape[2], a.shape[2]
-    call = _gpu_call(
-        functools.partial(_gpu_fwd_kernel, fmt, len(w_arrays), blk.tk, d_in // blk.tk), "lora_fwd",
-        (t // blk.tm, d_out // blk.tn),
-        [pl.BlockSpec(tile_ids.shape, lambda i, j: (0,)),
-         pl.BlockSpec((blk.tm, d_in), lambda i, j: (i, 0)),
-         *[pl.BlockSpec((arr.shape[0], blk.tn), lambda i, j: (0, j)) for arr in w_arrays],
-         pl.BlockSpec(a.shape, lambda i, j: (0, 0, 0)),
-         pl.BlockSpec((bs.shape[0], r, blk.tn), lambda i, j: (0, 0, j))],
-        [pl.BlockSpec((blk.tm, blk.tn), lambda i, j: (i, j)), pl.BlockSpec((blk.tm, r), lambda i, j: (i, 0))],
-        [jax.ShapeDtypeStruct((t, d_out), x.dtype), jax.ShapeDtypeStruct((t, r), F32)], interpret)
+    given = xa_mode == "precompute"
+    w_specs = [pl.BlockSpec((arr.shape[0], blk.tn), lambda i, j: (0, j)) for arr in w_arrays]
+    b_spec = pl.BlockSpec((bs.shape[0], r, blk.tn), lambda i, j: (0, 0, j))
+    y_spec = pl.BlockSpec((blk.tm, blk.tn), lambda i, j: (i, j))
+    row_spec = pl.BlockSpec((blk.tm, r), lambda i, j: (i, 0))
+    y_shape = jax.ShapeDtypeStruct((t, d_out), x.dtype)
+    kernel = functools.partial(_gpu_fwd_kernel, fmt, len(w_arrays), blk.tk, d_in // blk.tk, given)
+    head = [pl.BlockSpec(tile_ids.shape, lambda i, j: (0,)), pl.BlockSpec((blk.tm, d_in), lambda i, j: (i, 0)), *w_specs]
+    if given:  # one skinny XLA matmul reads x once more; the kernel only adds xa B
+        xa = _group_xa(x, a, tile_ids, blk.tm)
+        call = _gpu_call(kernel, "lora_fwd", (t // blk.tm, d_out // blk.tn), [*head, row_spec, b_spec], [y_spec],
+                         [y_shape], interpret)
+        return call(tile_ids, x, *w_arrays, xa, bs)[0], xa
+    call = _gpu_call(kernel, "lora_fwd", (t // blk.tm, d_out // blk.tn),
+                     [*head, pl.BlockSpec(a.shape, lambda i, j: (0, 0, 0)), b_spec], [y_spec, row_spec],
+                     [y_shape, jax.ShapeDtypeStruct((t, r), F32)], interpret)
     return call(tile_ids, x, *w_arrays, a, bs)
 
 
 def _gpu_dx(dy, fmt, w_arrays, a, bs, tile_ids, blk: Blocks, interpret):
     t, d_out = dy.shape
     d_in, r = a.shape[1], a.shape[2]
+    # u = dy B_s^T once, by XLA (a skinny [T, d_out] x [d_out, r] product, reused by every dx tile)
+    if bs.shape[0] == 1:
+        u = _dot(dy, bs[0], trans_b=True)
+    else:
+        g = tile_ids.shape[0]
+        u = jnp.einsum("gto,gro->gtr", dy.reshape(g, blk.tm, d_out), bs[tile_ids],
+                       preferred_element_type=F32).reshape(t, r)
     w_specs = [pl.BlockSpec((rows if rows else arr.shape[0], d_out), (lambda i, k: (k, 0)) if rows else (lambda i, k: (0, 0)))
                for arr, rows in zip(w_arrays, _w_rows(fmt, blk.tk))]
     call = _gpu_call(
@@ -353,11 +391,11 @@ def _gpu_dx(dy, fmt, w_arrays, a, bs, tile_ids, blk: Blocks, interpret):
         (t // blk.tm, d_in // blk.tk),
         [pl.BlockSpec(tile_ids.shape, lambda i, k: (0,)),
          pl.BlockSpec((blk.tm, d_out), lambda i, k: (i, 0)), *w_specs,
-         pl.BlockSpec(a.shape, lambda i, k: (0, 0, 0)),
-         pl.BlockSpec(bs.shape, lambda i, k: (0, 0, 0))],
-        [pl.BlockSpec((blk.tm, blk.tk), lambda i, k: (i, k)), pl.BlockSpec((blk.tm, r), lambda i, k: (i, 0))],
-        [jax.ShapeDtypeStruct((t, d_in), dy.dtype), jax.ShapeDtypeStruct((t, r), F32)], interpret)
-    return call(tile_ids, dy, *w_arrays, a, bs)
+         pl.BlockSpec((blk.tm, r), lambda i, k: (i, 0)),
+         pl.BlockSpec(a.shape, lambda i, k: (0, 0, 0))],
+        [pl.BlockSpec((blk.tm, blk.tk), lambda i, k: (i, k))],
+        [jax.ShapeDtypeStruct((t, d_in), dy.dtype)], interpret)
+    return call(tile_ids, dy, *w_arrays, u, a)[0], u
 
 
 # ----------------------------------------------------------------------------- the op
@@ -371,6 +409,9 @@ class Plan:
     impl: str
     blocks: Blocks | None = None
     interpret: bool = False
+    # GPU forward: "recompute" xa inside every output tile (one pass over x, r/tn extra MMA
+    # work) or "precompute" it with one skinny XLA matmul first; the benchmark measures both.
+    xa_mode: str = "recompute"
 
 
 def _pad_operands(plan: Plan, d_in: int, fmt, w_arrays, a, bs):
@@ -424,8 +465,10 @@ def _forward(plan: Plan, x, w, a, bs, ids):
     d_in_p, wp, ap, bp = _pad_operands(plan, d_in, fmt, arrays, a, bs)
     xp = _tokens_padded(x, plan.blocks.tm, d_in_p)
     tile_ids = jnp.repeat(ids.astype(jnp.int32), xp.shape[0] // g // plan.blocks.tm)
-    run = _tpu_forward if plan.impl == "tpu" else _gpu_forward
-    y, xa = run(xp, fmt, wp, ap, bp, tile_ids, plan.blocks, plan.interpret)
+    if plan.impl == "tpu":
+        y, xa = _tpu_forward(xp, fmt, wp, ap, bp, tile_ids, plan.blocks, plan.interpret)
+    else:
+        y, xa = _gpu_forward(xp, fmt, wp, ap, bp, tile_ids, plan.blocks, plan.interpret, plan.xa_mode)
     y, xa = y.reshape(g, -1, y.shape[1]), xa.reshape(g, -1, xa.shape[1])
     return y[:, :s, :bs.shape[2]], xa[:, :s, :a.shape[2]]
 
@@ -483,7 +526,7 @@ fused_lora.defvjp(_fused_fwd, _fused_bwd)
 
 
 def make_plan(impl: str, t: int, d_in: int, d_out: int, dtype, w, blocks: Blocks | None = None,
-              interpret: bool = False) -> Plan:
+              interpret: bool = False, xa_mode: str = "recompute") -> Plan:
     """A Plan with default tiles for the shape (NF4 forces tk to its packing group)."""
     if impl not in IMPLS:
         raise ValueError(f"lora kernel impl {impl!r}; use one of {IMPLS}.")
@@ -496,15 +539,18 @@ def make_plan(impl: str, t: int, d_in: int, d_out: int, dtype, w, blocks: Blocks
         if impl == "tpu" and not interpret and (w.group // 64) % 8:
             raise ValueError(f"NF4 group {w.group} gives a scale tile of {w.group // 64} rows; TPU needs a "
                              f"multiple of 8: quantize with group=512 (the default).")
-    return Plan(impl, blocks, interpret)
+    if xa_mode not in ("recompute", "precompute"):
+        raise ValueError(f"xa_mode {xa_mode!r}; use recompute or precompute.")
+    return Plan(impl, blocks, interpret, xa_mode)
 
 
 def lora_matmul(x: jax.Array, w, a: jax.Array, b: jax.Array, scale, *, impl: str = "xla",
-                blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
+                blocks: Blocks | None = None, interpret: bool = False, xa_mode: str = "recompute") -> jax.Array:
     """y = x W + scale (x A) B over the last axis of x, W frozen (dense or QuantizedWeight).
 
     `impl`: "xla" (reference), "tpu" (Pallas Mosaic), "gpu" (Pallas Triton); `interpret` runs
-    a Pallas kernel's semantics on CPU. Differentiable in x, A, B and scale (not W).
+    a Pallas kernel's semantics on CPU; `xa_mode` (GPU only) see `Plan`. Differentiable in x,
+    A, B and scale (not W).
 
     >>> x, w, a, b = jnp.ones((5, 8)), jnp.ones((8, 3)), jnp.ones((8, 2)), jnp.ones((2, 3))
     >>> lora_matmul(x, w, a, b, 0.5).shape
@@ -513,7 +559,7 @@ def lora_matmul(x: jax.Array, w, a: jax.Array, b: jax.Array, scale, *, impl: str
     lead, d_in = x.shape[:-1], x.shape[-1]
     x_gsd = x.reshape(1, -1, d_in)
     d_out = b.shape[-1]
-    plan = make_plan(impl, x_gsd.shape[1], d_in, d_out, x.dtype, w, blocks, interpret)
+    plan = make_plan(impl, x_gsd.shape[1], d_in, d_out, x.dtype, w, blocks, interpret, xa_mode)
     bs = b.astype(x.dtype) * jnp.asarray(scale, F32).astype(x.dtype)
     y = fused_lora(plan, x_gsd, w, a.astype(x.dtype)[None], bs[None], jnp.zeros((1,), jnp.int32))
     return y.reshape(*lead, d_out)

@@ -21,7 +21,7 @@ from jaxlearn.kernels.lora import F32, Blocks, fused_lora, make_plan
 
 def multi_lora_matmul(x: jax.Array, w, a_bank: jax.Array, b_bank: jax.Array, scales: jax.Array,
                       ids: jax.Array, *, impl: str = "xla", blocks: Blocks | None = None,
-                      interpret: bool = False) -> jax.Array:
+                      interpret: bool = False, xa_mode: str = "recompute") -> jax.Array:
     """y[b] = x[b] W + scales[ids[b]] (x[b] A[ids[b]]) B[ids[b]].
 
     x [B, S, d_in]; w [d_in, d_out] (dense or QuantizedWeight); a_bank [N, d_in, r];
@@ -34,7 +34,7 @@ def multi_lora_matmul(x: jax.Array, w, a_bank: jax.Array, b_bank: jax.Array, sca
     """
     if x.ndim != 3:
         raise ValueError(f"multi_lora_matmul wants x [batch, seq, d_in]; got shape {x.shape}.")
-    plan = make_plan(impl, x.shape[1], x.shape[2], b_bank.shape[-1], x.dtype, w, blocks, interpret)
+    plan = make_plan(impl, x.shape[1], x.shape[2], b_bank.shape[-1], x.dtype, w, blocks, interpret, xa_mode)
     bs = b_bank.astype(x.dtype) * jnp.asarray(scales, F32).astype(x.dtype)[:, None, None]
     return fused_lora(plan, x, w, a_bank.astype(x.dtype), bs, ids.astype(jnp.int32))
 
