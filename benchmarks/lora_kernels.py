@@ -4,8 +4,8 @@
     python benchmarks/lora_kernels.py                   # timings at realistic shapes (GPU/TPU)
     python benchmarks/lora_kernels.py --tiny            # tiny shapes: proves the script on CPU
 
-Timed variants, each jitted forward + backward of sum(y) w.r.t. x, A and B (W frozen, so no dW
-anywhere, the base included):
+Timed variants, each one jitted call returning y and the vjp of a random dy w.r.t. x, A and B
+(W frozen, so no dW anywhere, the base included):
     base        y = x W alone (dx = dy W^T): the floor LoRA is measured against
     xla_lora    the unfused XLA path: x W + s (x A) B, autodiff backward
     kernel      the fused Pallas kernel (Triton on GPU, Mosaic on TPU; on CPU interpret mode,
@@ -95,17 +95,22 @@ def _operands(t, d_in, d_out, r, dtype, seed=0):
     return x, w, a, b
 
 
+# Forward + backward as (y, vjp(dy)) with a given dy: returning y keeps the forward alive (the
+# gradient of a linear map never needs it, so grad(sum(y)) would let XLA drop the forward of
+# the XLA variants but not of the kernel's), and a random dy keeps XLA from simplifying dx.
 def _grad_fn(impl, interpret, w, xa_mode="recompute"):
-    def loss(x, a, b):
-        y = lora_matmul(x, w, a, b, 2.0, impl=impl, interpret=interpret, xa_mode=xa_mode)
-        return jnp.sum(y.astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    def fwd_bwd(x, a, b, dy):
+        y, vjp = jax.vjp(lambda x, a, b: lora_matmul(x, w, a, b, 2.0, impl=impl, interpret=interpret,
+                                                     xa_mode=xa_mode), x, a, b)
+        return y, vjp(dy)
+    return jax.jit(fwd_bwd)
 
 
 def _base_fn(w):
-    def loss(x):
-        return jnp.sum(jnp.dot(x, w, preferred_element_type=jnp.float32))
-    return jax.jit(jax.grad(loss))
+    def fwd_bwd(x, dy):
+        y, vjp = jax.vjp(lambda x: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype), x)
+        return y, vjp(dy)
+    return jax.jit(fwd_bwd)
 
 
 def _bytes(t, d_in, d_out, r, item, w_bytes):
@@ -113,26 +118,29 @@ def _bytes(t, d_in, d_out, r, item, w_bytes):
     return acts + w_bytes * 2 + item * 2 * r * (d_in + d_out) + 4 * 2 * t * r  # W twice, A/B, xa/u
 
 
-def bench(shapes, impl, interpret, iters, quant, ceil) -> list[dict]:
+def bench(shapes, impl, interpret, iters, quant, ceil, on_shape=lambda rows: None) -> list[dict]:
+    """Time every variant at every shape; `on_shape(rows)` after each shape (partial results
+    survive a time limit)."""
     rows = []
     for t, d_in, d_out, r in shapes:
         dt = jnp.bfloat16
         x, w, a, b = _operands(t, d_in, d_out, r, dt)
+        dy = jax.random.normal(jax.random.key(1), (t, d_out), jnp.float32).astype(dt)
         item = 2
         flops = lora_matmul_flops(t, d_in, d_out, r)["total"]
         base_flops = 4.0 * t * d_in * d_out
-        variants = {"base": (_base_fn(w), (x,), base_flops, w.nbytes),
-                    "xla_lora": (_grad_fn("xla", False, w), (x, a, b), flops, w.nbytes)}
+        variants = {"base": (_base_fn(w), (x, dy), base_flops, w.nbytes),
+                    "xla_lora": (_grad_fn("xla", False, w), (x, a, b, dy), flops, w.nbytes)}
         if impl != "xla":
-            variants["kernel"] = (_grad_fn(impl, interpret, w), (x, a, b), flops, w.nbytes)
+            variants["kernel"] = (_grad_fn(impl, interpret, w), (x, a, b, dy), flops, w.nbytes)
         if impl == "gpu":
-            variants["kernel_xa_pre"] = (_grad_fn(impl, interpret, w, "precompute"), (x, a, b), flops, w.nbytes)
+            variants["kernel_xa_pre"] = (_grad_fn(impl, interpret, w, "precompute"), (x, a, b, dy), flops, w.nbytes)
         if quant:
             for fmt in ("int8", "nf4"):
                 qw = quantize(w, fmt)
-                variants[f"xla_{fmt}"] = (_grad_fn("xla", False, qw), (x, a, b), flops, qw.nbytes())
+                variants[f"xla_{fmt}"] = (_grad_fn("xla", False, qw), (x, a, b, dy), flops, qw.nbytes())
                 if impl != "xla":
-                    variants[f"kernel_{fmt}"] = (_grad_fn(impl, interpret, qw), (x, a, b), flops, qw.nbytes())
+                    variants[f"kernel_{fmt}"] = (_grad_fn(impl, interpret, qw), (x, a, b, dy), flops, qw.nbytes())
         times = {}
         for name, (fn, args, fl, wb) in variants.items():
             s = _time(fn, args, iters)
@@ -148,6 +156,7 @@ def bench(shapes, impl, interpret, iters, quant, ceil) -> list[dict]:
             row["kernel/xla"] = (times[row["variant"]] / times["xla_lora"]) if row["variant"] in ("kernel", "kernel_xa_pre") else None
         print(" ".join(f"{r_['variant']}={r_['ms']:.3f}ms" for r_ in rows[-len(variants):]), (t, d_in, d_out, r),
               flush=True)
+        on_shape(rows)
     return rows
 
 
@@ -252,10 +261,12 @@ def main() -> int:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     ceil = ceilings(args.tiny)
     print("ceilings", ceil, flush=True)
-    rows = bench(shapes, impl, interpret, 3 if args.tiny else args.iters, args.quant, ceil)
-    result = {"device": device, "ceilings": ceil, "rows": rows, "jax": jax.__version__}
-    _atomic_write(out / "lora_kernels.json", json.dumps(result, indent=1) + "\n")
-    _atomic_write(out / "lora_kernels.md", _markdown(rows, ceil, device))
+    def write(rows):
+        result = {"device": device, "ceilings": ceil, "rows": rows, "jax": jax.__version__}
+        _atomic_write(out / "lora_kernels.json", json.dumps(result, indent=1) + "\n")
+        _atomic_write(out / "lora_kernels.md", _markdown(rows, ceil, device))
+
+    bench(shapes, impl, interpret, 3 if args.tiny else args.iters, args.quant, ceil, on_shape=write)
     print((out / "lora_kernels.md").read_text())
     return 0
 
