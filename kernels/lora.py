@@ -12,9 +12,9 @@ to a [tm, r] f32 scratch, which is complete after the last k of j == 0 and then 
 later j of the same row block (j and k run in order, i in parallel). At the last k,
 y_ij = acc + xa_i B_s,j. xa [T, r] is written out once as the backward's residual.
 
-Backward (no dW: W is frozen): on TPU u = dy B_s^T [T, r] is accumulated during the first in-tile of
-the dx kernel and reused for the others, dx = dy W^T + u A^T in one kernel over W's tiles,
-then dA = x^T u and dB_s = xa^T dy are skinny XLA matmuls (f32 accumulation).
+Backward (no dW: W is frozen): on TPU u = dy B_s^T [T, r] is accumulated during the first
+in-tile of the dx kernel and reused for the others, dx = dy W^T + u A^T in one kernel over W's
+tiles, then dA = x^T u and dB_s = xa^T dy are skinny XLA matmuls (f32 accumulation).
 
 GPU (Pallas on Triton): programs of a grid run concurrently, so nothing is shared between
 them: the grid is (i, j) with the k loop inside. By default each program accumulates its own

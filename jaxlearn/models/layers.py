@@ -85,8 +85,8 @@ class Linear(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), tuple(self.axes))
         params = self.variables.get("params", {})
         if "kernel_q" in params:  # a quantized frozen base (peft.quantize, jaxlearn/peft/quantize.py)
-            kernel = quantized_kernel(params["kernel_q"], params["kernel_scale"], tuple(in_shape) + tuple(self.features),
-                                      len(in_shape))
+            shape = tuple(in_shape) + tuple(self.features)
+            kernel = quantized_kernel(params["kernel_q"], params["kernel_scale"], shape, len(in_shape))
         else:
             kernel = self.param("kernel", init, tuple(in_shape) + tuple(self.features), self.param_dtype)
         # PEFT attaches adapter leaves beside `kernel` (jaxlearn/peft/attach.py); apply them here.
