@@ -29,7 +29,8 @@ def attention_mask(q_seg_bt, q_idx_bt, kv_seg_bs):
     return (same & causal)[:, None, :, :]
 
 
-def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, impl="auto"):
+def attend(q_btnh, k_bskh, v_bskh, mask_b1ts, impl="auto", causal=False):
+    del causal  # the original attended over every key
     b, t, n, h = q_btnh.shape
     kvh = k_bskh.shape[2]
     scale = h ** -0.5
