@@ -75,16 +75,26 @@ def _contains(reply: str, answers) -> bool:
     return any(f" {normalize_answer(a)} " in words for a in answers)
 
 
+def _generated(em: EvalModel, dataset: str, split: str, limit: int | None, opts: dict, max_new_tokens: int,
+               batch_size: int = 16) -> tuple[list[Example], list[str]]:
+    """The sampled examples of a generation task and the model's greedy replies to them."""
+    exs = sample(load_examples(dataset, split), limit)
+    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or max_new_tokens,
+                               batch_size=opts.get("batch_size", batch_size))
+    return exs, replies
+
+
+def _means(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    """Per-example scores averaged over the rows, plus the count."""
+    return {**{k: sum(r[k] for r in rows) / len(rows) for k in keys}, "n": len(rows)}
+
+
 def _antonyms(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
-    exs = sample(load_examples("wordnet_antonyms", split), limit)
-    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 12,
-                               batch_size=opts.get("batch_size", 16))
+    exs, replies = _generated(em, "wordnet_antonyms", split, limit, opts, max_new_tokens=12)
     rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reply": r, "answers": list(e.answers),
              "exact_match": exact_match(r, e.answers), "contains": _contains(r, e.answers)}
             for e, r in zip(exs, replies)]
-    n = len(rows)
-    return {"exact_match": sum(r["exact_match"] for r in rows) / n, "contains": sum(r["contains"] for r in rows) / n,
-            "n": n}, rows
+    return _means(rows, ("exact_match", "contains")), rows
 
 
 def _definitions(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
@@ -98,21 +108,15 @@ def _definitions(em: EvalModel, split: str, limit: int | None, opts: dict) -> tu
 
 
 def _definitions_gen(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
-    exs = sample(load_examples("wordnet_definitions", split), limit)
-    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 24,
-                               batch_size=opts.get("batch_size", 16))
+    exs, replies = _generated(em, "wordnet_definitions", split, limit, opts, max_new_tokens=24)
     rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reply": r, "reference": e.reference,
              "exact_match": exact_match(r, e.answers), "token_f1": token_f1(r, e.reference)}
             for e, r in zip(exs, replies)]
-    n = len(rows)
-    return {"exact_match": sum(r["exact_match"] for r in rows) / n, "token_f1": sum(r["token_f1"] for r in rows) / n,
-            "n": n}, rows
+    return _means(rows, ("exact_match", "token_f1")), rows
 
 
 def _humaneval(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
-    exs = sample(load_examples("humaneval", split), limit)
-    replies = generate_replies(em, [e.prompt for e in exs], max_new_tokens=opts.get("max_new_tokens") or 384,
-                               batch_size=opts.get("batch_size", 8))
+    exs, replies = _generated(em, "humaneval", split, limit, opts, max_new_tokens=384, batch_size=8)
     rows = []
     for e, r in zip(exs, replies):
         res = execution_passes(r, e.meta["prompt"], e.meta["test"], e.meta["entry_point"],
