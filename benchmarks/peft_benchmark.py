@@ -6,6 +6,7 @@ tokens/s, the compiled step's memory (XLA `memory_analysis`: arguments + outputs
 - aliased, i.e. what the step needs at its peak), trainable parameter count and optimizer-state
 bytes. Writes JSON and a markdown table with ratios to full fine-tuning.
 
+    python benchmarks/peft_benchmark.py --remat dots_no_batch --loss-chunk 256  # SmolLM2-135M (the README's numbers)
     python benchmarks/peft_benchmark.py                       # SmolLM2-135M (4-bit-quantized weights, dequantized)
     python benchmarks/peft_benchmark.py --model tiny --steps 3  # seconds, for a smoke run
 """
@@ -55,7 +56,7 @@ def _bytes(tree) -> int:
 
 
 def run(args) -> dict:
-    from jaxlearn.config import Config, MeshConfig, OptimConfig
+    from jaxlearn.config import Config, MeshConfig, ObjectiveConfig, OptimConfig
     from jaxlearn.models.transformer import Transformer
     from jaxlearn.objectives.lm import make_objective
     from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
@@ -84,7 +85,8 @@ def run(args) -> dict:
         if args.only and name not in args.only:
             continue
         print(f"[{name}] building state and compiling ...", flush=True)
-        cfg = Config(model=model_cfg, peft=peft, mesh=mc, optim=OptimConfig(lr=1e-4, warmup_steps=0))
+        cfg = Config(model=model_cfg, peft=peft, mesh=mc, optim=OptimConfig(lr=1e-4, warmup_steps=0),
+                     objective=ObjectiveConfig(loss_chunk=args.loss_chunk))
         model = Transformer(model_cfg, shard)
         setup = build_state(model, cfg, mesh, rules, total_steps=100, params=pretrained)
         step = compile_train_step(make_objective(model, cfg.objective), setup, shard.batch_sharding())
@@ -129,14 +131,15 @@ def run(args) -> dict:
             r["memory_vs_full"] = r["step_memory_bytes"] / full["step_memory_bytes"]
     return {
         "model": args.model, "model_config": dataclasses.asdict(model_cfg), "batch": b, "seq_len": t,
-        "remat": args.remat, "steps_timed": args.steps, "device": str(jax.devices()[0]),
+        "remat": args.remat, "loss_chunk": args.loss_chunk, "steps_timed": args.steps, "device": str(jax.devices()[0]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
     }
 
 
 def markdown(result: dict) -> str:
     lines = [f"Model `{result['model']}`, batch {result['batch']} x {result['seq_len']} tokens, remat "
-             f"`{result['remat']}`, {result['device']}, median of {result['steps_timed']} steps.", "",
+             f"`{result['remat']}`, loss_chunk {result.get('loss_chunk', 0)}, {result['device']}, median of "
+             f"{result['steps_timed']} steps.", "",
              "| method | trainable params | optimizer state | step memory (XLA) | memory vs full | step time | "
              "time vs full | tokens/s | compile |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
@@ -161,6 +164,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed rounds (each times one step of every method)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="objective.loss_chunk: LM head + loss fused over this many tokens at a time (0: off)")
     p.add_argument("--only", nargs="*", help="subset of: full lora_r8 lora_r16 ia3 prompt_16")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()

@@ -125,6 +125,15 @@ class ObjectiveConfig:
 
     type: Literal["lm"] = "lm"
     z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting (PaLM)
+    # > 0: the LM head and the loss run fused, this many tokens at a time, so no [tokens, vocab]
+    # logits (or their gradient) exist whole (jaxlearn/objectives/chunked_loss.py). Same loss
+    # and gradients; much less memory with large vocabularies. 0: logits computed whole.
+    loss_chunk: int = 0
+
+    def __post_init__(self):
+        if self.loss_chunk < 0:
+            raise ConfigError(f"objective.loss_chunk: {self.loss_chunk!r} is negative; use 0 (off) or a "
+                              "token count such as 256.")
 
 
 @dataclasses.dataclass(frozen=True)

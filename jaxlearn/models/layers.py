@@ -14,6 +14,9 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlearn.models.lora_linear import LORA_T_NAME, augmented_wins, lora_linear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -99,8 +102,12 @@ class Linear(nn.Module):
         from jaxlearn.kernels.dispatch import resolve
         impl, interpret = resolve(self.kernels)
         if impl != "xla" and "lora_a" in adapters and rng is None:
-            return fused_adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, impl, interpret)
-        return adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, dropout_rng=rng)
+            y = fused_adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, impl, interpret)
+        else:
+            y = adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, dropout_rng=rng)
+        # The seam's products are custom_vjp calls, which remat policies cannot see into; the
+        # name lets the `dots` policies keep projection outputs (REMAT_POLICIES below).
+        return checkpoint_name(y, PROJ_NAME)
 
 
 def quantized_kernel(q: jax.Array, scale: jax.Array, kernel_shape: tuple[int, ...], n_in: int):
@@ -137,35 +144,40 @@ def adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int = 1,
         return linear(x, kernel, n_in)
     if "ia3_in" in adapters:
         x = x * adapters["ia3_in"].astype(x.dtype)
-    y = linear(x, kernel, n_in)
-    return _after_base(x, y, kernel, adapters, n_in, dropout_rng)
+    y = _base_and_lora(x, kernel, adapters, n_in, dropout_rng)
+    if "dora_m" in adapters and adapters["lora_a"].ndim == n_in + 1:
+        a, b = adapters["lora_a"].astype(jnp.float32), adapters["lora_b"].astype(jnp.float32)
+        w = kernel.astype(jnp.float32) + linear(a, b) * adapters["lora_scale"].astype(jnp.float32)
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
+        y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
+    return _output_adapters(y, adapters)
 
 
-def _after_base(x, y, kernel, adapters, n_in, dropout_rng):
-    """The XLA path's adapters after the base product y = x W (LoRA, DoRA, IA3 out, bottleneck)."""
-    if "lora_a" in adapters and adapters["lora_a"].ndim == n_in + 2:
+def _base_and_lora(x, kernel, adapters, n_in, dropout_rng):
+    """x W plus the LoRA delta s (x A) B when the adapters hold one (the XLA path)."""
+    if "lora_a" not in adapters:
+        return linear(x, kernel, n_in)
+    a, b = adapters["lora_a"], adapters["lora_b"]
+    if a.ndim == n_in + 2:
         # Multi-adapter batch (jaxlearn/peft/multi.py): example b uses its own A[b], B[b], scale[b]
         # (gather-by-index, as in Punica's BGMV), so one batch serves many adapters.
-        a, b_, scale = adapters["lora_a"], adapters["lora_b"], adapters["lora_scale"].astype(x.dtype)
-        delta = jax.vmap(lambda xb, ab, bb: linear(linear(xb, ab, n_in), bb))(x, a, b_)
-        y = y + delta * scale.reshape((-1,) + (1,) * (delta.ndim - 1))
-    elif "lora_a" in adapters:
         scale = adapters["lora_scale"].astype(x.dtype)
-        x_lora = x
-        if dropout_rng is not None and "lora_dropout" in adapters:
-            rate = adapters["lora_dropout"].astype(jnp.float32)
-            keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, x.shape)
-            x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
-        # The scale goes into B ([r, d_out], tiny) instead of onto the [tokens, d_out] product:
-        # one elementwise pass less forward and backward (about 5% of a LoRA step on CPU).
-        b_scaled = adapters["lora_b"] * adapters["lora_scale"].astype(adapters["lora_b"].dtype)
-        y = y + linear(linear(x_lora, adapters["lora_a"], n_in), b_scaled)
-        if "dora_m" in adapters:
-            w = kernel.astype(jnp.float32) + linear(adapters["lora_a"].astype(jnp.float32),
-                                                    adapters["lora_b"].astype(jnp.float32)) * scale
-            norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
-            y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
-    return _output_adapters(y, adapters)
+        delta = jax.vmap(lambda xb, ab, bb: linear(linear(xb, ab, n_in), bb))(x, a, b)
+        return linear(x, kernel, n_in) + delta * scale.reshape((-1,) + (1,) * (delta.ndim - 1))
+    # The scale goes into B ([r, d_out], tiny) instead of onto a [tokens, d_out] product.
+    b_scaled = (b * adapters["lora_scale"].astype(b.dtype)).astype(x.dtype)
+    a = a.astype(x.dtype)
+    dropout = dropout_rng is not None and "lora_dropout" in adapters
+    d_in = math.prod(x.shape[x.ndim - n_in:])
+    if not dropout and augmented_wins(x.size // d_in, d_in, kernel.size // d_in):
+        # A and B ride along the GEMMs of the frozen base (jaxlearn/models/lora_linear.py).
+        return lora_linear(x, kernel.astype(x.dtype), a, b_scaled, n_in)
+    x_lora = x
+    if dropout:  # A sees a dropped x while W sees x, so the delta is a separate product
+        rate = adapters["lora_dropout"].astype(jnp.float32)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, x.shape)
+        x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+    return linear(x, kernel, n_in) + linear(linear(x_lora, a, n_in), b_scaled)
 
 
 def _output_adapters(y, adapters):
@@ -416,8 +428,17 @@ def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, m
 grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
+# Name of every Linear module's output (the projections q, k, v, o, gate, up, down).
+PROJ_NAME = "proj"
+
+# ModelConfig.remat -> what the backward may reuse instead of recomputing. The linear seam and
+# the CPU attention are custom_vjp calls, opaque to JAX's dot-based policies (which would then
+# save nothing from them), so the `dots` policies also save the named projection outputs and
+# LoRA's tiny x A (jaxlearn/models/lora_linear.py) by name.
+_SAVED_NAMES = jax.checkpoint_policies.save_only_these_names(PROJ_NAME, LORA_T_NAME)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _SAVED_NAMES),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVED_NAMES),
 }
