@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlearn.config import Config, MeshConfig, OptimConfig, PeftConfig
+from jaxlearn.config import Config, MeshConfig, ObjectiveConfig, OptimConfig, PeftConfig
 from jaxlearn.models.transformer import Transformer, abstract_params
 from jaxlearn.objectives.lm import make_objective
 from jaxlearn.peft.attach import SEAM_METHODS, attach_axes, find_sites
@@ -28,8 +28,9 @@ PRESETS = {"dp": MeshConfig(preset="dp"), "fsdp": MeshConfig(preset="fsdp"),
 LOSS_RTOL, PARAM_ATOL = 1e-6, 5e-5
 
 
-def _run(mesh_cfg: MeshConfig, n_devices: int, steps: int = 3, grad_accum: int = 1):
-    cfg = Config(model=tiny_model_config(), mesh=mesh_cfg, optim=OptimConfig(warmup_steps=0, grad_accum=grad_accum))
+def _run(mesh_cfg: MeshConfig, n_devices: int, steps: int = 3, grad_accum: int = 1, loss_chunk: int = 0):
+    cfg = Config(model=tiny_model_config(), mesh=mesh_cfg, optim=OptimConfig(warmup_steps=0, grad_accum=grad_accum),
+                 objective=ObjectiveConfig(loss_chunk=loss_chunk))
     mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
     rules = rules_for(mesh_cfg)
     shard = ShardingContext(mesh, rules)
@@ -63,6 +64,16 @@ def test_preset_matches_single_device(preset, single_device):
                 "fsdp_tp": (None, "fsdp", "tensor", None)}[preset]
     assert tuple(q.sharding.spec) == expected
     assert step._cache_size() == 1  # three calls, one compilation
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_tp"])
+def test_chunked_loss_sharded_matches_single_device(preset, single_device):
+    """objective.loss_chunk (LM head + loss fused in chunks of 48 tokens, a ragged last chunk)
+    on 8 devices, with the head sharded, gives the whole-logits single-device run."""
+    losses, params, _, _ = _run(PRESETS[preset], 8, loss_chunk=48)
+    np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+    for path, a in flat_paths(params).items():
+        np.testing.assert_allclose(a, flat_paths(single_device[1])[path], atol=PARAM_ATOL, err_msg=path)
 
 
 def test_grad_accumulation_matches_full_batch(single_device):
