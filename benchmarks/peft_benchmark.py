@@ -4,10 +4,13 @@ For each method, in one process, on the same batch: compile time, median step ti
 methods' steps are timed interleaved, and the time ratio is the median of per-round ratios),
 tokens/s, the compiled step's memory (XLA `memory_analysis`: arguments + outputs + temporaries
 - aliased, i.e. what the step needs at its peak), trainable parameter count and optimizer-state
-bytes. Writes JSON and a markdown table with ratios to full fine-tuning.
+bytes. Every method runs with the same settings (`--remat`, `--loss-chunk`; defaults: the
+`dots_no_batch` policy and the LM head + loss fused 256 tokens at a time). Writes JSON, a
+markdown table with ratios to full fine-tuning, and a bar chart of those ratios against the
+targets (memory <= 0.5x, step time <= 0.75x).
 
-    python benchmarks/peft_benchmark.py --remat dots_no_batch --loss-chunk 256  # SmolLM2-135M (the README's numbers)
     python benchmarks/peft_benchmark.py                       # SmolLM2-135M (4-bit-quantized weights, dequantized)
+    python benchmarks/peft_benchmark.py --remat none --loss-chunk 0   # without remat / chunked loss
     python benchmarks/peft_benchmark.py --model tiny --steps 3  # seconds, for a smoke run
 """
 
@@ -151,6 +154,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Bars of memory and step time relative to full fine-tuning, with the targets as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result["rows"] if n != "full"]
+    mem = [result["rows"][n]["memory_vs_full"] for n in names]
+    time_ = [result["rows"][n]["step_time_vs_full"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], mem, 0.4, label="step memory / full FT")
+    ax.bar([x + 0.2 for x in xs], time_, 0.4, label="step time / full FT")
+    ax.axhline(0.5, color="C0", ls="--", lw=1, label="memory target 0.5x")
+    ax.axhline(0.75, color="C1", ls="--", lw=1, label="time target 0.75x")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{result['model']}, {result['batch']}x{result['seq_len']} tokens, remat {result['remat']}, "
+                 f"loss_chunk {result.get('loss_chunk', 0)}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -163,8 +194,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed rounds (each times one step of every method)")
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
-    p.add_argument("--loss-chunk", type=int, default=0,
+    p.add_argument("--remat", default="dots_no_batch", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--loss-chunk", type=int, default=256,
                    help="objective.loss_chunk: LM head + loss fused over this many tokens at a time (0: off)")
     p.add_argument("--only", nargs="*", help="subset of: full lora_r8 lora_r16 ia3 prompt_16")
     p.add_argument("--out", default="benchmarks/results")
@@ -175,6 +206,8 @@ def main() -> None:
     _atomic_write(out / "peft_benchmark.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     _atomic_write(out / "peft_benchmark.md", table)
+    if "full" in result["rows"]:
+        print(f"plot: {plot(result, out / 'peft_benchmark.png')}")
     print(table)
 
 
