@@ -45,9 +45,10 @@ def _chunks(x, n_chunks, chunk):
     return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape((n_chunks, chunk) + x.shape[1:])
 
 
-def _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad):
-    """Loss sums, and the gradients of the ce part and the z part: per token (dh) and, when
-    `head_grad`, of the head (dw). Unused parts (no z-loss, frozen head) are never computed."""
+def _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad, token_grad=True):
+    """Loss sums, and the gradients of the ce part and the z part: per token (dh, when
+    `token_grad`) and of the head (dw, when `head_grad`). Unused parts (no z-loss, frozen head,
+    no differentiation at all as in evaluation) are never computed."""
     n, d = h.shape
     n_chunks = -(-n // chunk)
     hs, ts, ms = _chunks(h, n_chunks, chunk), _chunks(targets, n_chunks, chunk), _chunks(mask, n_chunks, chunk)
@@ -60,6 +61,9 @@ def _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad):
         logits = _logits(h_c, w, w_transposed)  # [chunk, V] float32
         log_z = jax.nn.logsumexp(logits, axis=-1)
         ce = log_z - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        sums = (jnp.sum(m_c * (ce + z_loss * jnp.square(log_z))), jnp.sum(m_c * ce))
+        if not token_grad:
+            return dw, (sums, {})
         p = jnp.exp(logits - log_z[:, None])
         g = {"ce": (p - jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)) * m_c[:, None]}
         if z_loss:  # d(sum mask * z log_z^2) / d logits
@@ -68,7 +72,6 @@ def _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad):
         if head_grad:
             h32 = h_c.astype(jnp.float32)
             dw = {k: dw[k] + (g[k].T @ h32 if w_transposed else h32.T @ g[k]) for k in parts}
-        sums = (jnp.sum(m_c * (ce + z_loss * jnp.square(log_z))), jnp.sum(m_c * ce))
         return dw, (sums, dh)
 
     dw0 = {k: jnp.zeros(w.shape, jnp.float32) for k in parts} if head_grad else {}
@@ -79,7 +82,7 @@ def _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked(h, w, targets, mask, w_transposed, chunk, z_loss):
-    return _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad=False)[0]
+    return _run(h, w, targets, mask, w_transposed, chunk, z_loss, head_grad=False, token_grad=False)[0]
 
 
 def _chunked_fwd(h, w, targets, mask, w_transposed, chunk, z_loss):
