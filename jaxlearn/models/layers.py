@@ -145,12 +145,17 @@ def adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int = 1,
     if "ia3_in" in adapters:
         x = x * adapters["ia3_in"].astype(x.dtype)
     y = _base_and_lora(x, kernel, adapters, n_in, dropout_rng)
-    if "dora_m" in adapters and adapters["lora_a"].ndim == n_in + 1:
-        a, b = adapters["lora_a"].astype(jnp.float32), adapters["lora_b"].astype(jnp.float32)
-        w = kernel.astype(jnp.float32) + linear(a, b) * adapters["lora_scale"].astype(jnp.float32)
-        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
-        y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
-    return _output_adapters(y, adapters)
+    return _output_adapters(_dora_rescale(y, kernel, adapters, n_in), adapters)
+
+
+def _dora_rescale(y, dense_kernel, adapters, n_in):
+    """DoRA: each output column times m / ||W + s A B|| (norm not differentiated); else y."""
+    if "dora_m" not in adapters or adapters["lora_a"].ndim != n_in + 1:
+        return y
+    a, b = adapters["lora_a"].astype(jnp.float32), adapters["lora_b"].astype(jnp.float32)
+    w = dense_kernel.astype(jnp.float32) + linear(a, b) * adapters["lora_scale"].astype(jnp.float32)
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
+    return y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
 
 
 def _base_and_lora(x, kernel, adapters, n_in, dropout_rng):
@@ -223,10 +228,7 @@ def fused_adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int, impl: 
                         impl=impl, interpret=interpret)
     y = y.reshape(x.shape[:x.ndim - n_in] + tuple(out_shape))
     if "dora_m" in adapters:
-        dense = dequantize_kernel(kernel, jnp.float32) if quantized else kernel
-        w = dense.astype(jnp.float32) + linear(a.astype(jnp.float32), b.astype(jnp.float32)) * adapters["lora_scale"]
-        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(n_in)))))
-        y = y * (adapters["dora_m"].astype(jnp.float32) / norm).astype(y.dtype)
+        y = _dora_rescale(y, dequantize_kernel(kernel, jnp.float32) if quantized else kernel, adapters, n_in)
     return _output_adapters(y, adapters)
 
 

@@ -258,6 +258,20 @@ class Transformer(nn.Module):
         return constrain(self.shard, out.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
+def plain_lm_head(cfg: ModelConfig, params) -> tuple[jax.Array, bool] | None:
+    """(head matrix, transposed?) of `Transformer.logits` when the head is a bare matrix: the tied
+    embedding ([vocab, embed], transposed) or an `lm_head` kernel without adapters. None when
+    PEFT leaves sit on the head, so only `logits` itself applies it.
+
+    >>> plain_lm_head(ModelConfig(), {"embed": {"embedding": jnp.zeros((4, 2))}})[1]
+    True
+    """
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], True
+    head = params.get("lm_head", {})
+    return (head["kernel"], False) if set(head) == {"kernel"} else None
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache: k/v [layers, B, max_len, kv_heads, head_dim], segment ids [B, max_len]."""
     dtype = dtype or DTYPES[cfg.compute_dtype]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlearn.config import ObjectiveConfig
+from jaxlearn.models.transformer import plain_lm_head
 from jaxlearn.objectives.chunked_loss import chunked_head_loss
 
 Objective = Callable[[dict, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -37,12 +38,12 @@ def make_lm_objective(model, cfg: ObjectiveConfig) -> Objective:
         # rng is None in evaluation: deterministic. In training it drives LoRA dropout (the base
         # model has none).
         rngs = {"dropout": rng} if rng is not None else None
-        head = _plain_head(model, params) if cfg.loss_chunk else None
+        mask = batch["loss_mask"].astype(jnp.float32)
+        head = plain_lm_head(model.cfg, params) if cfg.loss_chunk else None
         if head is not None:
             h, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                rngs=rngs, return_hidden=True)
             w, transposed = head
-            mask = batch["loss_mask"].astype(jnp.float32)
             loss, ce = chunked_head_loss(h.reshape(-1, h.shape[-1]), w, batch["targets"].reshape(-1),
                                          mask.reshape(-1), w_transposed=transposed, chunk=cfg.loss_chunk,
                                          z_loss=cfg.z_loss)
@@ -50,23 +51,10 @@ def make_lm_objective(model, cfg: ObjectiveConfig) -> Objective:
         logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                 rngs=rngs)
         ce, log_z = token_cross_entropy(logits, batch["targets"])
-        mask = batch["loss_mask"].astype(jnp.float32)
         loss = ce + cfg.z_loss * jnp.square(log_z) if cfg.z_loss else ce
         return jnp.sum(loss * mask), jnp.sum(mask), {"ce": jnp.sum(ce * mask)}
 
     return objective
-
-
-def _plain_head(model, params):
-    """(head matrix, transposed?) when the LM head is a bare matrix the chunked loss can use: the
-    tied embedding, or an `lm_head` kernel without adapters. None otherwise (e.g. LoRA on the
-    head), and the loss then runs on whole logits."""
-    if model.cfg.tie_embeddings:
-        return params["embed"]["embedding"], True
-    head = params.get("lm_head", {})
-    if set(head) == {"kernel"}:
-        return head["kernel"], False
-    return None
 
 
 def make_objective(model, cfg: ObjectiveConfig) -> Objective:

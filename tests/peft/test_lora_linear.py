@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 from jaxlearn.models.layers import PROJ_NAME, REMAT_POLICIES, adapted_linear
-from jaxlearn.models.lora_linear import LORA_T_NAME, augmented_wins, lora_linear
+from jaxlearn.models.lora_linear import augmented_wins, lora_linear
+from jaxlearn.peft.filter import flat_paths
+
+from helpers import random_batch
+from test_peft_invariants import _attached, _forward, _perturb
 
 # (x shape, n_in, kernel shape): a plain projection, q-like (several output dims), o-like
 # (two contracted input dims), and a ragged one.
@@ -113,7 +117,6 @@ def test_remat_policies_keep_lora_t_not_the_wide_product():
         assert (4, 64, 40) in shapes, (name, shapes)
     shapes = [s for s, _ in _saved(REMAT_POLICIES["full"], f, x, a, b)]
     assert (tokens, r) not in shapes and (tokens, r + 40) not in shapes
-    assert LORA_T_NAME == "lora_t"
 
 
 def test_dots_policies_see_the_linear_seam():
@@ -138,9 +141,6 @@ def test_model_loss_and_adapter_gradients_match_the_unmerged_path(monkeypatch):
     output at attach is the base model's, and loss and adapter gradients after perturbing the
     adapters equal those of the same model forced onto the unmerged form."""
     from jaxlearn.models import layers
-    from test_peft_invariants import _attached, _forward, _perturb
-
-    from helpers import random_batch
 
     model, base, params, _, _ = _attached("lora")
     batch = random_batch(4, 32, 128, n_docs=2)
@@ -157,7 +157,6 @@ def test_model_loss_and_adapter_gradients_match_the_unmerged_path(monkeypatch):
     monkeypatch.setattr(layers, "augmented_wins", lambda *a: False)
     ref_loss, ref_grad = jax.value_and_grad(loss)(params)
     np.testing.assert_allclose(aug_loss, ref_loss, rtol=1e-6)
-    from jaxlearn.peft.filter import flat_paths
     got, want = flat_paths(aug_grad), flat_paths(ref_grad)
     lora = [k for k in got if "lora_a" in k or "lora_b" in k]
     assert len(lora) == 14  # A and B of 7 projections (scanned layers)
