@@ -59,7 +59,8 @@ def _bytes(tree) -> int:
 
 
 def run(args) -> dict:
-    from jaxlearn.config import Config, MeshConfig, ObjectiveConfig, OptimConfig
+    from jaxlearn.config import Config, MeshConfig, OptimConfig
+    from jaxlearn.objectives.lm import LMConfig
     from jaxlearn.models.transformer import Transformer
     from jaxlearn.objectives.lm import make_objective
     from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
@@ -89,12 +90,12 @@ def run(args) -> dict:
             continue
         print(f"[{name}] building state and compiling ...", flush=True)
         cfg = Config(model=model_cfg, peft=peft, mesh=mc, optim=OptimConfig(lr=1e-4, warmup_steps=0),
-                     objective=ObjectiveConfig(loss_chunk=args.loss_chunk))
+                     objective=LMConfig(loss_chunk=args.loss_chunk))
         model = Transformer(model_cfg, shard)
         setup = build_state(model, cfg, mesh, rules, total_steps=100, params=pretrained)
         step = compile_train_step(make_objective(model, cfg.objective), setup, shard.batch_sharding())
         t0 = time.perf_counter()
-        compiled = step.lower(setup.state, batch).compile()
+        compiled = step.lower(setup.state, batch, {}).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -107,7 +108,7 @@ def run(args) -> dict:
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
             "optimizer_state_bytes": _bytes(state.opt_state), "times": [], "losses": [],
         }
-        state, metrics = compiled(state, batch)  # untimed: the first call sets up buffers
+        state, metrics = compiled(state, batch, {})  # untimed: the first call sets up buffers
         jax.block_until_ready(metrics["loss"])
         runs[name] = [compiled, state]
         del setup, step
@@ -116,7 +117,7 @@ def run(args) -> dict:
         for name, run_ in runs.items():
             compiled, state = run_
             t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, {})
             jax.block_until_ready(metrics["loss"])
             dt = time.perf_counter() - t0
             run_[1] = state

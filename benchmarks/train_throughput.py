@@ -228,7 +228,7 @@ class Run:
         o0 = other_processes_cpu_s() if record else None
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        self.state, metrics = self.step(self.state, self.batch)
+        self.state, metrics = self.step(self.state, self.batch, {})
         jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -269,7 +269,7 @@ def build_run(name: str, config_path: Path, common: list[str], total_steps: int)
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding)
         jitted = compile_train_step(objective, setup, batch_sharding, cfg.optim.grad_accum)
         t0 = time.perf_counter()
-        lowered = jitted.lower(setup.state, batch)
+        lowered = jitted.lower(setup.state, batch, {})
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()

@@ -138,27 +138,30 @@ def _cmd_eval(args) -> int:
         return _cmd_eval_tasks(args)
     if not args.run:
         raise ValueError("give a run directory (held-out perplexity) or --model/--tasks (the task harness).")
-    from jaxlearn.data.pipeline import make_eval_batches
-    from jaxlearn.objectives.lm import make_objective
-    from jaxlearn.train.loop import evaluate
-    from jaxlearn.train.metrics import atomic_write_text
-    from jaxlearn.train.state import build_state
-    from jaxlearn.train.step import compile_eval_step
+    from jaxlearn.data.feed import host_eval_batches
+    from jaxlearn.objectives.registry import build_objective
     from jaxlearn.run import open_run
-    from jaxlearn.sharding import rules_for
+    from jaxlearn.train.batches import make_evaluator
+    from jaxlearn.train.extras import build_extras
+    from jaxlearn.train.metrics import atomic_write_text, dumps_json
+    from jaxlearn.train.state import build_state
 
     run = open_run(args.run, args.overrides)
     cfg = run.cfg
-    batches = make_eval_batches(cfg.data, run.tokenizer, args.batches or cfg.train.eval_batches)
+    batches = host_eval_batches(cfg.data, run.tokenizer, args.batches or cfg.train.eval_batches)
     shard = run.model.shard
-    setup = build_state(run.model, cfg, shard.mesh, rules_for(cfg.mesh), max(cfg.train.steps, 1), params=run.params)
-    eval_step = compile_eval_step(make_objective(run.model, cfg.objective), setup, shard.batch_sharding())
-    result = {"step": run.step, "data": cfg.data.source, **evaluate(eval_step, setup.state, batches, shard.batch_sharding())}
-    text = json.dumps(result, indent=2)
+    objective = build_objective(run.model, cfg)
+    setup = build_state(run.model, cfg, shard.mesh, shard.rules, max(cfg.train.steps, 1), params=run.params,
+                        objective=objective)
+    evaluate = make_evaluator(objective, setup, shard, build_extras(objective.extras(), shard), batches)
+    result = {"step": run.step, "data": cfg.data.source, **evaluate(setup.state)}
+    text = dumps_json(result, indent=2)  # a NaN loss is written as null: eval.json stays JSON
     print(text)
     atomic_write_text(Path(args.run) / "eval.json", text + "\n")
-    print(f"\n| step | data | held-out loss | perplexity | tokens |\n|---|---|---|---|---|\n"
-          f"| {run.step} | {cfg.data.source} | {result['loss']:.4f} | {result['perplexity']:.2f} | {int(result['tokens'])} |")
+    cols = [k for k in result if k not in ("step", "data")]  # loss, the objective's metrics, weight
+    names = ["held-out loss" if k == "loss" else k for k in cols]
+    print("\n| step | data | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(cols) + "\n"
+          f"| {run.step} | {cfg.data.source} | " + " | ".join(f"{result[k]:.4f}" for k in cols) + " |")
     return 0
 
 
@@ -217,16 +220,26 @@ def _cmd_adapters_show(args) -> int:
 
 
 def _cmd_adapters_merge(args) -> int:
+    from jaxlearn.config import ConfigError
     from jaxlearn.models.hf import save_hf
-    from jaxlearn.peft.merge import merge
+    from jaxlearn.peft.merge import adapter_leaves, merge
     from jaxlearn.run import open_run
 
     run = open_run(args.run)
+    method = run.cfg.peft.type
+    if method not in MERGEABLE or not adapter_leaves(run.params):
+        why = ("it trained no adapters (peft.type: none): its weights are the full model already, so there is "
+               "nothing to merge; use the run directory as it is") if method == "none" else (
+               f"its {method} adapters are not a change of the weights and cannot be folded into them")
+        raise ConfigError(f"cannot merge {args.run}: {why}. `adapters merge` folds {', '.join(MERGEABLE)} adapters.")
     merged = merge(run.params)
     tok = run.tokenizer if hasattr(run.tokenizer, "hf_token_ids") else None
     out = save_hf(merged, run.cfg.model, args.out, tokenizer=tok)
     print(f"merged {run.cfg.peft.type} adapters of {args.run} (step {run.step}) into {out}")
     return 0
+
+
+MERGEABLE = ("lora", "dora", "ia3")  # adapters that are a change of the weights they sit beside
 
 
 def _cmd_adapters_export(args) -> int:
@@ -243,6 +256,23 @@ def _cmd_adapters_export(args) -> int:
     adapter_dir = export_peft(run.params, run.cfg.model, run.cfg.peft, out / "adapter", base_name=str(base_dir))
     print(f"wrote {base_dir} (base, transformers) and {adapter_dir} (PEFT adapter)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one line and exit 2).
+
+    >>> _positive_int("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: 0 is not a positive number; give at least 1 (e.g. 100)
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one such as 100") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number; give at least 1 (e.g. 100)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompts are chat messages (greedy unless --temperature)")
     g.add_argument("--no-chat", action="store_true", help="with --model: continue plain text, no chat template")
     g.add_argument("--system", help="with --model: a system message")
-    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=100)
     g.add_argument("--temperature", type=float, default=None, help="default 0.8 for runs, 0 (greedy) for --model")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.95)
@@ -350,12 +380,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlearn.config import ConfigError
     from jaxlearn.data import errors as data_errors
     from jaxlearn.models.hf import CheckpointImportError
-    from jaxlearn.train.checkpoint import CheckpointMismatchError
+    from jaxlearn.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
     from jaxlearn.peft.files import AdapterMismatchError
-    from jaxlearn.train.loop import RunDirError
+    from jaxlearn.train.build import RunDirError
+    from jaxlearn.train.guard import NonFiniteError
 
     return (ConfigError, CheckpointMismatchError, RunDirError, FileNotFoundError, data_errors.DataError,
-            CheckpointImportError, AdapterMismatchError)
+            CheckpointImportError, AdapterMismatchError, NonFiniteError, CheckpointDamagedError)
 
 
 def main(argv: list[str] | None = None) -> int:

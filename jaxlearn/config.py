@@ -26,6 +26,24 @@ class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and the fix."""
 
 
+def _check(key: str, value: Any, ok: bool, fix: str) -> None:
+    """Range check for `__post_init__`: one ConfigError naming the key, the value and the fix.
+
+    >>> _check("optim.lr", -1.0, -1.0 > 0, "use a positive learning rate such as 3e-4")
+    Traceback (most recent call last):
+    ...
+    jaxlearn.config.ConfigError: optim.lr: -1.0 is out of range; use a positive learning rate such as 3e-4.
+    """
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is out of range; {fix}.")
+
+
+def _positive(block: str, cfg: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        _check(f"{block}.{n}", v, v > 0, "use a positive number")
+
+
 # --------------------------------------------------------------------------------------------
 # Blocks
 
@@ -61,6 +79,15 @@ class ModelConfig:
     # Hugging Face safetensors directory; empty: random init. See jaxlearn/models/presets.py.
     init_from: str = ""
 
+    def __post_init__(self):
+        _positive("model", self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                  "rope_theta", "norm_eps")
+        _check("model.head_dim", self.head_dim, self.head_dim is None or self.head_dim > 0,
+               "use a positive number, or null for d_model // n_heads")
+        _check("model.n_kv_heads", self.n_kv_heads, self.n_heads % self.n_kv_heads == 0,
+               f"it must divide model.n_heads={self.n_heads} (grouped-query attention)")
+        _check("model.init_std", self.init_std, self.init_std >= 0, "use a standard deviation >= 0, e.g. 0.02")
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
@@ -92,7 +119,8 @@ class DataConfig:
     """Where text comes from and how it becomes batches."""
 
     source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds",
-                    "wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval"] = "shakespeare"
+                    "wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval",
+                    "wordnet_antonym_prefs", "wordnet_definition_prefs"] = "shakespeare"
     paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord; tfds data_dir
     text_field: str = "text"  # jsonl/parquet/tfds field holding the document text
     tfds_name: str = ""  # registered TFDS builder name (source: tfds)
@@ -111,29 +139,45 @@ class DataConfig:
     # Instruction data (SFT, see jaxlearn/data/sft.py). `chat`: jsonl/parquet records are
     # conversations (`messages`, or `prompt`/`response`); the wordnet*/humaneval sources are
     # always chat. Loss falls on assistant tokens only unless train_on_prompt.
-    format: Literal["text", "chat"] = "text"
+    # `preference`: (prompt, chosen, rejected) records, one pair per row (jaxlearn/data/preference.py);
+    # the wordnet_*_prefs sources are always preference pairs.
+    format: Literal["text", "chat", "preference"] = "text"
     train_on_prompt: bool = False
     # Examples longer than seq_len + 1 tokens: `left` cuts prompt tokens from the left when the
     # whole response still fits (else the example is dropped); `drop` drops them. Both counted.
     truncation: Literal["left", "drop"] = "left"
     max_examples: int = 0  # chat: use at most this many training examples (0: all), a fixed sample
 
+    def __post_init__(self):
+        _positive("data", self, "seq_len", "batch_size", "tokenizer_vocab_size")
+        _check("data.eval_fraction", self.eval_fraction, 0.0 <= self.eval_fraction < 1.0, "use a share in [0, 1), e.g. 0.05")
+        for n in ("num_workers", "shards", "max_examples"):
+            _check(f"data.{n}", getattr(self, n), getattr(self, n) >= 0, "use 0 or a positive number")
+
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """The loss. `lm`: masked next-token cross-entropy (pretraining, SFT)."""
+    """Base of every objective's config block. `type` picks the objective (and so which keys
+    the block takes): a built-in name (`lm`) or `package.module:Class` for your own. Each
+    objective's own block subclasses this (`jaxlearn/objectives/`); see
+    jaxlearn/objectives/registry.py."""
 
-    type: Literal["lm"] = "lm"
-    z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting (PaLM)
-    # > 0: the LM head and the loss run fused, this many tokens at a time, so no [tokens, vocab]
-    # logits (or their gradient) exist whole (jaxlearn/objectives/chunked_loss.py). Same loss
-    # and gradients; much less memory with large vocabularies. 0: logits computed whole.
-    loss_chunk: int = 0
+    type: str = "lm"
 
-    def __post_init__(self):
-        if self.loss_chunk < 0:
-            raise ConfigError(f"objective.loss_chunk: {self.loss_chunk!r} is negative; use 0 (off) or a "
-                              "token count such as 256.")
+
+def _default_objective() -> ObjectiveConfig:
+    from jaxlearn.objectives.lm import LMConfig  # lazy: objectives import this module
+
+    return LMConfig()
+
+
+def objective_config_class(type_name: Any, where: str = "objective.type") -> type:
+    """The config dataclass of the objective named `type_name`."""
+    if not isinstance(type_name, str):
+        raise ConfigError(f"{where}: expected an objective name (a string such as 'lm'), got {type_name!r}.")
+    from jaxlearn.objectives.registry import objective_class
+
+    return objective_class(type_name, where).Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +236,18 @@ class OptimConfig:
     clip_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1  # microbatches per step, accumulated inside the compiled step
 
+    def __post_init__(self):
+        # a negative learning rate trains by gradient ascent; zero trains nothing
+        _check("optim.lr", self.lr, self.lr > 0, "use a positive learning rate, e.g. 3e-4")
+        _check("optim.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "use 0 (no warmup) or more steps")
+        _check("optim.min_lr_ratio", self.min_lr_ratio, 0.0 <= self.min_lr_ratio <= 1.0, "use a ratio in [0, 1]")
+        for n in ("b1", "b2"):
+            _check(f"optim.{n}", getattr(self, n), 0.0 <= getattr(self, n) < 1.0, "use a decay rate in [0, 1), e.g. 0.9")
+        _check("optim.eps", self.eps, self.eps > 0, "use a small positive number, e.g. 1e-8")
+        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, "use 0 (none) or a positive rate")
+        _check("optim.clip_norm", self.clip_norm, self.clip_norm >= 0, "use 0 (no clipping) or a positive norm")
+        _check("optim.grad_accum", self.grad_accum, self.grad_accum >= 1, "use 1 (no accumulation) or more")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -206,6 +262,12 @@ class MeshConfig:
     # slices, `data`/`fsdp`/`tensor` above describe one slice. 1: a single slice.
     slices: int = 1
 
+    def __post_init__(self):
+        for n in ("data", "fsdp"):
+            v = getattr(self, n)
+            _check(f"mesh.{n}", v, v == -1 or v >= 1, "use -1 (fill the remaining devices) or a positive size")
+        _positive("mesh", self, "tensor", "slices")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -216,6 +278,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
+    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0): the "before" numbers
     eval_batches: int = 8
     save_every: int = 100  # 0: only the final checkpoint
     keep_checkpoints: int = 3
@@ -226,6 +289,18 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     progress: bool = True
+    # A step whose loss or gradient norm is NaN/inf never updates the weights (jaxlearn/train/guard.py).
+    # skip: count it (metric `nonfinite`) and go on; stop: end the run with an error (exit 2).
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+
+    def __post_init__(self):
+        _positive("train", self, "steps", "log_every", "keep_checkpoints")
+        for n in ("eval_every", "eval_batches", "save_every"):
+            _check(f"train.{n}", getattr(self, n), getattr(self, n) >= 0, "use 0 or a positive number")
+        _check("train.sample_tokens", self.sample_tokens, self.sample_tokens > 0 or not self.sample_prompts,
+               "use a positive number of tokens, or train.sample_prompts=[] for no samples")
+        _check("train.sample_temperature", self.sample_temperature, self.sample_temperature >= 0,
+               "use 0 (greedy) or a positive temperature, e.g. 0.8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +309,7 @@ class Config:
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: ObjectiveConfig = dataclasses.field(default_factory=_default_objective)
     peft: PeftConfig = PeftConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
@@ -324,6 +399,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
                 f"unknown key '{_join(where, key)}'.{hint} Valid keys here: {', '.join(fields)}."
             )
         tp = hints[key]
+        if tp is ObjectiveConfig:  # a typed block per objective: its `type` picks the dataclass
+            value = value or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{_join(where, key)}: expected a mapping (type: lm, ...), got {type(value).__name__}.")
+            tp = objective_config_class(value.get("type", "lm"), _join(where, f"{key}.type"))
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, _join(where, key))
         else:

@@ -9,13 +9,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 from jaxlearn.config import Config, ConfigError, load_config
-from jaxlearn.data.bpe_tokenizer import load_tokenizer
-from jaxlearn.data.tokenizer import Tokenizer
+from jaxlearn.data.run_tokenizer import resolve_tokenizer
 from jaxlearn.models.transformer import Transformer
+from jaxlearn.objectives.registry import build_objective
 from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
 from jaxlearn.train.checkpoint import Checkpointer, abstract_like
 from jaxlearn.train.state import build_state
@@ -38,21 +39,19 @@ def open_run(run_dir: str | Path, overrides: list[str] = ()) -> OpenRun:
         raise ConfigError(f"{run_dir} is not a jaxlearn run directory (no config.yaml). "
                           "Pass the train.run_dir of a finished or running `jaxlearn train`.")
     cfg = load_config(cfg_path, list(overrides))
-    if cfg.data.tokenizer:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    else:
-        tok_path = run_dir / "tokenizer.model"
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"tokenizer {tok_path} not found for run {run_dir}; pass data.tokenizer=PATH.")
-        tokenizer = Tokenizer.load(tok_path)
+    tokenizer = resolve_tokenizer(cfg.data, run_dir, may_train=False)  # reading a run never trains one
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh)
     model = Transformer(cfg.model, ShardingContext(mesh, rules))
-    setup = build_state(model, cfg, mesh, rules, max(cfg.train.steps, 1))
+    # the objective's own parameters (heads) are part of the run's checkpoints
+    setup = build_state(model, cfg, mesh, rules, max(cfg.train.steps, 1), objective=build_objective(model, cfg))
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet; train first (jaxlearn train ...).")
-    state = ckpt.restore(step, abstract_like(setup.state, setup.shardings))
+    # the newest intact checkpoint: a damaged newer one is named and skipped (and left in place)
+    found = ckpt.restore_newest(abstract_like(setup.state, setup.shardings))
     ckpt.close()
-    return OpenRun(cfg, model, state.params, tokenizer, step)
+    for step, why in sorted(found.damaged.items()):
+        print(f"jaxlearn: checkpoint step {step} of {run_dir} is damaged ({why}); using step {found.step}",
+              file=sys.stderr)
+    return OpenRun(cfg, model, found.state.params, tokenizer, found.step)

@@ -191,8 +191,19 @@ class ShardingContext:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
-        """Sharding of a [batch, ...] host batch: split on the batch axes, rest replicated."""
+        """Sharding of a [batch, ...] array: split on the batch axes, rest replicated (a scalar:
+        replicated)."""
+        if ndim == 0:
+            return NamedSharding(self.mesh, P())
         return named_sharding(self.mesh, ("act_batch",) + (None,) * (ndim - 1), self.rules)
+
+    def batch_shardings(self, batch: Any) -> Any:
+        """A sharding per batch leaf, from its rank alone: token rows [B, T], paired rows
+        [B, 2, T] and per-row scalars [B] (rewards, labels) all split on the batch axis.
+
+        >>> ctx.batch_shardings({"inputs": np.zeros((8, 16)), "reward": np.zeros(8)})   # doctest: +SKIP
+        """
+        return jax.tree.map(lambda x: self.batch_sharding(len(x.shape) if hasattr(x, "shape") else np.ndim(x)), batch)
 
 
 def constrain(ctx: ShardingContext | None, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

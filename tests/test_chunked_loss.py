@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlearn.config import ConfigError, ObjectiveConfig
+from jaxlearn.config import ConfigError
 from jaxlearn.models.transformer import Transformer, init_params
 from jaxlearn.objectives.chunked_loss import chunked_head_loss
-from jaxlearn.objectives.lm import make_lm_objective, token_cross_entropy
+from jaxlearn.objectives.lm import LMConfig, LMObjective, token_cross_entropy
 
 from helpers import random_batch, tiny_model_config
 
@@ -77,8 +77,8 @@ def test_objective_with_loss_chunk_equals_whole_logits(tie):
     model = Transformer(cfg)
     params = init_params(model, jax.random.key(0))
     batch = random_batch(2, 16, cfg.vocab_size, n_docs=2)
-    whole = make_lm_objective(model, ObjectiveConfig(z_loss=1e-3))
-    chunked = make_lm_objective(model, ObjectiveConfig(z_loss=1e-3, loss_chunk=10))
+    whole = LMObjective(model, LMConfig(z_loss=1e-3))
+    chunked = LMObjective(model, LMConfig(z_loss=1e-3, loss_chunk=10))
 
     def loss(obj):
         return lambda p: obj(p, batch, None)[0]
@@ -94,4 +94,4 @@ def test_objective_with_loss_chunk_equals_whole_logits(tie):
 
 def test_negative_loss_chunk_is_a_config_error():
     with pytest.raises(ConfigError, match="loss_chunk"):
-        ObjectiveConfig(loss_chunk=-1)
+        LMConfig(loss_chunk=-1)

@@ -2,7 +2,6 @@
 gets one clear paragraph, exit status 2 and no half-written run directory."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -18,15 +18,18 @@ COMMON = [*TINY, "model.d_model=128", "data.seq_len=128", f"train.steps={STEPS}"
 
 def _curve(run_dir):
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["split"] == "train"]
+    return [(r["step"], r["loss"], r["grad_norm"], r.get("l2")) for r in recs if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, devices):
-    tok = tmp_path / "tok.model"
-    r = run_cli("tokenizer", "train", "--vocab-size", 512, "--out", tok)
-    assert r.returncode == 0, r.stderr
-    common = [*COMMON, f"data.tokenizer={tok}"]
+# The third case trains an objective with a frozen extra model of another depth, a frozen buffer,
+# an objective-owned head and a per-row feature (tests/objectives_for_tests.py): the head is
+# restored from the checkpoint, the extras are reloaded from their specs.
+EXTRAS = ["objective.type=tests.objectives_for_tests:L2ToFrozen", "objective.teacher_layers=1"]
+
+
+@pytest.mark.parametrize("devices,extra", [(1, []), (8, []), (1, EXTRAS)], ids=["1dev", "8dev", "1dev-extras"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, devices, extra, shakespeare_tokenizer):
+    common = [*COMMON, f"data.tokenizer={shakespeare_tokenizer}", *extra]
 
     straight = tmp_path / "straight"
     r = run_cli("train", RECIPE, *common, f"train.run_dir={straight}", devices=devices)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlearn.config import Config, MeshConfig, ObjectiveConfig, OptimConfig, PeftConfig
+from jaxlearn.config import Config, MeshConfig, OptimConfig, PeftConfig
+from jaxlearn.objectives.lm import LMConfig
 from jaxlearn.models.transformer import Transformer, abstract_params
 from jaxlearn.objectives.lm import make_objective
 from jaxlearn.peft.attach import SEAM_METHODS, attach_axes, find_sites
@@ -30,7 +31,7 @@ LOSS_RTOL, PARAM_ATOL = 1e-6, 5e-5
 
 def _run(mesh_cfg: MeshConfig, n_devices: int, steps: int = 3, grad_accum: int = 1, loss_chunk: int = 0):
     cfg = Config(model=tiny_model_config(), mesh=mesh_cfg, optim=OptimConfig(warmup_steps=0, grad_accum=grad_accum),
-                 objective=ObjectiveConfig(loss_chunk=loss_chunk))
+                 objective=LMConfig(loss_chunk=loss_chunk))
     mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
     rules = rules_for(mesh_cfg)
     shard = ShardingContext(mesh, rules)
@@ -41,7 +42,7 @@ def _run(mesh_cfg: MeshConfig, n_devices: int, steps: int = 3, grad_accum: int =
     for i in range(steps):
         local = random_batch(16, 32, cfg.model.vocab_size, seed=i, n_docs=2)
         batch = {k: jax.make_array_from_process_local_data(shard.batch_sharding(), v) for k, v in local.items()}
-        state, m = step(state, batch)
+        state, m = step(state, batch, {})
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params), state, step
 
@@ -98,7 +99,27 @@ def _specs_snapshot() -> dict:
         rules = rules_for(mc)
         for suffix, tree in trees.items():
             snap[name + suffix] = {path: str(logical_to_spec(axes, rules)) for path, axes in sorted(flat_paths(tree).items())}
+        snap[name + "+objective"] = _objective_specs(mc, cfg)
     return snap
+
+
+def _objective_specs(mesh_cfg: MeshConfig, model_cfg) -> dict:
+    """An objective's own leaves (tests/objectives_for_tests.py): its head, its frozen extras (a
+    teacher of another depth, a buffer) and its batch (token rows, a per-row scalar), by the
+    same rules as the model."""
+    from jaxlearn.objectives.registry import build_objective
+    from jaxlearn.train.extras import build_extras
+    from tests.objectives_for_tests import L2Config
+
+    cfg = Config(model=model_cfg, mesh=mesh_cfg, objective=L2Config())
+    shard = ShardingContext(make_mesh(mesh_cfg), rules_for(mesh_cfg))
+    objective = build_objective(Transformer(model_cfg, shard), cfg)
+    out = {f"heads/{p}": str(logical_to_spec(a, shard.rules)) for p, a in flat_paths(objective.head_axes()).items()}
+    extras = build_extras(objective.extras(), shard, abstract=True)
+    out.update({f"extras/{p}": str(s.spec) for p, s in flat_paths(extras.shardings).items()})
+    batch = shard.batch_shardings(objective.abstract_batch(16, 32))
+    out.update({f"batch/{k}": str(s.spec) for k, s in batch.items()})
+    return dict(sorted(out.items()))
 
 
 def test_partition_specs_golden():

@@ -65,7 +65,7 @@ def test_frozen_weights_bit_identical_and_without_optimizer_state():
     state = setup.state
     trained_before = jax.device_get(state.trainable)
     for i in range(3):
-        state, m = step(state, random_batch(4, 16, 128, seed=i))
+        state, m = step(state, random_batch(4, 16, 128, seed=i), {})
     for path, a in flat_paths(jax.device_get(state.frozen)).items():
         np.testing.assert_array_equal(a, flat_paths(frozen_before)[path], err_msg=path)
     moved = [not np.array_equal(a, flat_paths(trained_before)[p]) for p, a in flat_paths(jax.device_get(state.trainable)).items()]
@@ -80,7 +80,7 @@ def test_frozen_weights_get_no_gradient_computation():
         cfg, model, setup, shard = _setup(pats)
         step = compile_train_step(make_objective(model, cfg.objective), setup, shard.batch_sharding())
         batch = random_batch(4, 16, 128)
-        compiled = step.lower(setup.state, batch).compile()
+        compiled = step.lower(setup.state, batch, {}).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[name] = cost["flops"]

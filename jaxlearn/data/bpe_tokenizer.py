@@ -30,6 +30,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from jaxlearn.data.errors import DataError
+from jaxlearn.data.model_files import PRESETS, resolve
+from jaxlearn.data.tokenizer import Tokenizer
 
 # GGUF `tokenizer.ggml.pre` values whose pre-tokenization this module reproduces. llama.cpp
 # splits every digit on its own for the StarCoder family (SmolLM2 is `smollm`), then applies
@@ -260,8 +262,6 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     >>> load_tokenizer("smollm2-135m-instruct").vocab_size          # doctest: +SKIP
     49152
     """
-    from jaxlearn.data.tokenizer import Tokenizer
-
     path = Path(spec).expanduser()
     if path.suffix == ".model" and path.is_file():
         return Tokenizer.load(path)
@@ -269,10 +269,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
         return BPETokenizer.from_gguf(path)
     if path.name == "tokenizer.json" or (path.is_dir() and (path / "tokenizer.json").is_file()):
         return BPETokenizer.from_hf(path)
-    from jaxlearn.models import presets
-
-    if str(spec) in presets.PRESETS:
-        return load_tokenizer(presets.resolve(str(spec)))
+    if str(spec) in PRESETS:  # the checkpoint's own tokenizer, fetched with it into the cache
+        return load_tokenizer(resolve(str(spec)))
     raise DataError(f"cannot load a tokenizer from {spec!r}: expected a SentencePiece .model file, a .gguf file, "
                     f"a tokenizer.json (or a directory holding one), or a preset "
-                    f"({', '.join(presets.PRESETS)}).")
+                    f"({', '.join(PRESETS)}).")

@@ -2,22 +2,17 @@
 
 Per document: tokenize, add BOS and EOS, shift (`inputs = ids[:-1]`, `targets = ids[1:]`), so
 no target ever comes from another document. Documents are then packed concatenate-then-split
-into rows of `seq_len` tokens and batched. Every batch is a dict of numpy arrays of shape
-[batch, seq_len]:
-
-    inputs       int32    token ids fed to the model (0 on padding)
-    targets      int32    the next token of the same document (0 on padding)
-    segment_ids  int32    1, 2, 3... for the document pieces within a row; 0 on padding
-    positions    int32    position within the piece, from 0 (a continued document restarts)
-    loss_mask    float32  1.0 where the target counts, 0.0 on padding
+into rows of `seq_len` tokens and batched. Every batch is a token batch, a dict of numpy arrays
+of shape [batch, seq_len] with the features of `jaxlearn.data.batching.TOKEN_FEATURES` (a
+continued document restarts its positions from 0).
 
 Training streams are infinite (documents shuffled with the seed, reshuffled each epoch),
-sharded by document over hosts, and checkpointable: the iterator's `get_state()` /
-`set_state()` resume exactly. Evaluation is one unshuffled pass, padded to full batches.
-Example::
+sharded by document, and checkpointable: the iterator's `get_state()` / `set_state()` resume
+exactly. Evaluation is one unshuffled pass, padded to full batches. A run gets all of this,
+for every data format and host layout, from `jaxlearn.data.feed.make_feed`. Example::
 
-    tok = ensure_tokenizer(cfg.data, "runs/demo")
-    it = make_train_iterator(cfg.data, tok)
+    tok = resolve_tokenizer(cfg.data, "runs/demo")
+    it = text_train_iterator(cfg.data, tok)
     batch = next(it)                      # batch["inputs"].shape == (8, 256)
     state = it.get_state()                # store it with the checkpoint
 """
@@ -25,18 +20,19 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
+from jaxlearn.data.batching import TOKEN_FEATURES, eval_share, per_shard_batch
 from jaxlearn.data.errors import DataError
+from jaxlearn.data.formats import is_chat
+# Re-exported: the tokenizer is chosen in jaxlearn/data/run_tokenizer.py, and only there.
+from jaxlearn.data.run_tokenizer import resolve_tokenizer as ensure_tokenizer  # noqa: F401
 from jaxlearn.data.sources import make_source
-from jaxlearn.data.tokenizer import Tokenizer, train_tokenizer
 
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+FEATURES = tuple(TOKEN_FEATURES)  # the token batch's feature names (defined in batching.py)
 
 # Documents tokenized ahead of the packer. Few threads: the trainer shares the CPU, and one
 # document (a play) is already ~40k tokens, i.e. many batches.
@@ -44,8 +40,6 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 # Packed rows shuffled together in training; a long document fills many consecutive rows, so
 # without this a batch would be one stretch of one document.
 ROW_SHUFFLE_WINDOW = 512
-# Characters of the train split read to train a tokenizer (more adds time, not quality).
-_TOKENIZER_CHARS = 50_000_000
 
 
 class TokenizeDocument(grain.transforms.Map):
@@ -111,7 +105,7 @@ def pretrain_dataset(
     >>> next(iter(ds))["inputs"].shape                                # doctest: +SKIP
     (8, 128)
     """
-    per_host = _per_host_batch(batch_size, shard_index, shard_count)
+    per_host = per_shard_batch(batch_size, shard_index, shard_count)
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) == 0:
         raise DataError(f"host {shard_index} of {shard_count} gets no documents: the train split has "
@@ -136,20 +130,37 @@ def make_train_iterator(
     shard_count: int = 1,
     seed: int | None = None,
 ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of this host's training batches for a `DataConfig`.
+    """An endless, checkpointable iterator of one shard's pretraining batches (text data).
 
-    `seed` overrides `data_cfg.seed`. Save `it.get_state()` with a checkpoint and call
-    `it.set_state(state)` on a fresh iterator to continue exactly where it stopped.
+    A run reads through `jaxlearn.data.feed.make_feed`, the one format dispatch (it builds every
+    shard a host owns, for every format); this is its text builder for one shard.
+    `seed` overrides `data_cfg.seed`.
 
     >>> it = make_train_iterator(cfg.data, tok)                        # doctest: +SKIP
     >>> sorted(next(it))                                               # doctest: +SKIP
     ['inputs', 'loss_mask', 'positions', 'segment_ids', 'targets']
     """
-    if _is_chat(data_cfg):  # instruction data: loss-masked, first-fit-packed SFT batches
-        from jaxlearn.data.sft import make_sft_train_iterator
+    _text_only(data_cfg)
+    return text_train_iterator(data_cfg, tokenizer, shard_index=shard_index, shard_count=shard_count, seed=seed)
 
-        return make_sft_train_iterator(data_cfg, tokenizer, shard_index=shard_index, shard_count=shard_count,
-                                       seed=seed)[0]
+
+def text_train_iterator(
+    data_cfg: Any,
+    tokenizer: Any,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    seed: int | None = None,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of one shard's pretraining batches for a `DataConfig`.
+
+    `seed` overrides `data_cfg.seed`. Save `it.get_state()` with a checkpoint and call
+    `it.set_state(state)` on a fresh iterator to continue exactly where it stopped.
+
+    >>> it = text_train_iterator(cfg.data, tok, shard_index=1, shard_count=2)   # doctest: +SKIP
+    >>> next(it)["inputs"].shape                                               # doctest: +SKIP
+    (4, 256)
+    """
     if data_cfg.num_workers > 0:
         _allow_grain_workers()
     ds = pretrain_dataset(
@@ -189,26 +200,32 @@ def eval_batches(
     >>> len(bs), bs[-1]["loss_mask"].shape                                      # doctest: +SKIP
     (4, (8, 128))
     """
-    per_host = _per_host_batch(batch_size, shard_index, shard_count)
+    per_shard_batch(batch_size, shard_index, shard_count)  # a bad layout fails before packing
+    rows = eval_rows(source, tokenizer, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    return eval_share(rows, batch_size=batch_size, shards=range(shard_index, shard_index + 1),
+                      shard_count=shard_count)
+
+
+def eval_rows(source: Any, tokenizer: Any, *, seq_len: int, batch_size: int,
+              max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The packed rows of one unshuffled pass over `source` (at most `max_batches` global batches).
+
+    Every host packs the same stream (up to what it needs), so hosts agree on the row count;
+    `batching.eval_share` then gives each host its rows.
+
+    >>> len(eval_rows(src, tok, seq_len=128, batch_size=8, max_batches=4)) <= 32   # doctest: +SKIP
+    True
+    """
     if max_batches is not None and max_batches <= 0:
         raise DataError(f"max_batches must be positive or None, got {max_batches}.")
     ds = grain.MapDataset.source(source).map(TokenizeDocument(tokenizer))
-    rows_it = iter(_pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len))
-    # Every host packs the same stream (up to what it needs), so hosts agree on the row count.
     limit = math.inf if max_batches is None else max_batches * batch_size
     rows = []
-    for row in rows_it:
+    for row in _pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len):
         rows.append(row)
         if len(rows) >= limit:
             break
-    n_batches = math.ceil(len(rows) / batch_size)
-    batches = []
-    for b in range(n_batches):
-        lo = b * batch_size + shard_index * per_host
-        mine = rows[lo:lo + per_host]
-        mine += [_padding_row(seq_len)] * (per_host - len(mine))
-        batches.append({k: np.stack([r[k] for r in mine]) for k in FEATURES})
-    return batches
+    return rows
 
 
 def make_eval_batches(
@@ -218,16 +235,14 @@ def make_eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """Held-out batches of a `DataConfig` (see `eval_batches`); the same every call.
+    """One shard's held-out batches of a text `DataConfig` (see `eval_batches`); the same every
+    call. Runs and tools read through `jaxlearn.data.feed` (`make_feed`, `host_eval_batches`).
 
     >>> bs = make_eval_batches(cfg.data, tok, max_batches=cfg.train.eval_batches)  # doctest: +SKIP
     >>> sum(b["loss_mask"].sum() for b in bs)       # tokens scored                 # doctest: +SKIP
     16384.0
     """
-    if _is_chat(data_cfg):  # instruction data: the validation split, SFT-encoded
-        from jaxlearn.data.sft import make_sft_eval_batches
-
-        return make_sft_eval_batches(data_cfg, tokenizer, max_batches, shard_index, shard_count)[0]
+    _text_only(data_cfg)
     return eval_batches(
         make_source(data_cfg, "eval"),
         tokenizer,
@@ -239,39 +254,14 @@ def make_eval_batches(
     )
 
 
-def ensure_tokenizer(data_cfg: Any, run_dir: str | os.PathLike) -> Tokenizer:
-    """The run's tokenizer: `data_cfg.tokenizer` if set, else `<run_dir>/tokenizer.model`,
-    trained on the train split (with `data_cfg.tokenizer_vocab_size`) if it is not there yet.
-
-    Training is deterministic, so hosts sharing no file system train identical models.
-
-    >>> tok = ensure_tokenizer(DataConfig(source="shakespeare"), "runs/demo")   # doctest: +SKIP
-    >>> tok.vocab_size                                                          # doctest: +SKIP
-    8192
-    """
-    if data_cfg.tokenizer:  # a .model/.gguf/tokenizer.json path, HF directory or preset name
-        from jaxlearn.data.bpe_tokenizer import load_tokenizer
-
-        return load_tokenizer(data_cfg.tokenizer)
-    path = Path(run_dir).expanduser() / "tokenizer.model"
-    if not path.exists() and _is_chat(data_cfg):
-        raise DataError(f"data.source={data_cfg.source} holds conversations for fine-tuning, so there is no text to "
-                        f"train a tokenizer on; set data.tokenizer to the model's tokenizer (a preset such as "
-                        f"smollm2-135m-instruct, or a pretraining run's tokenizer.model).")
-    if not path.exists():
-        source = make_source(data_cfg, "train")
-        train_tokenizer(_text_sample(source, _TOKENIZER_CHARS), path.with_suffix(""),
-                        vocab_size=data_cfg.tokenizer_vocab_size)
-    tok = Tokenizer.load(path)
-    if tok.vocab_size != data_cfg.tokenizer_vocab_size:
-        raise DataError(f"{path} has vocab_size {tok.vocab_size} but data.tokenizer_vocab_size is "
-                        f"{data_cfg.tokenizer_vocab_size}. Delete {path} to train a new one, or set "
-                        f"data.tokenizer_vocab_size={tok.vocab_size}.")
-    return tok
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _text_only(data_cfg: Any) -> None:
+    if is_chat(data_cfg):
+        raise DataError(f"data.source={data_cfg.source} (format chat) is not document text; read it through "
+                        "jaxlearn.data.feed.make_feed, which picks the SFT encoder.")
 
 
 def _pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -305,39 +295,6 @@ class _JsonSafeStateIterator(grain.DatasetIterator):
         slices = state.get("remainder_slices", {})
         state = {**state, "remainder_slices": {k: tuple(v) for k, v in slices.items()}}
         self._parent.set_state(state)
-
-
-def _is_chat(data_cfg: Any) -> bool:
-    from jaxlearn.data.sft import is_chat
-
-    return is_chat(data_cfg)
-
-
-def _per_host_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
-    if not 0 <= shard_index < shard_count:
-        raise DataError(f"shard_index {shard_index} is not in [0, {shard_count}).")
-    if batch_size % shard_count:
-        raise DataError(f"data.batch_size={batch_size} (the global batch) does not divide over "
-                        f"{shard_count} hosts; use a multiple of {shard_count}.")
-    return batch_size // shard_count
-
-
-def _padding_row(seq_len: int) -> dict[str, np.ndarray]:
-    zeros = np.zeros(seq_len, np.int32)
-    return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
-            "loss_mask": np.zeros(seq_len, np.float32)}
-
-
-def _text_sample(source: Any, max_chars: int):
-    """Documents in a fixed pseudo-random order until `max_chars` characters are read."""
-    order = np.random.default_rng(0).permutation(len(source))
-    total = 0
-    for i in order:
-        text = source[int(i)]
-        yield text
-        total += len(text)
-        if total >= max_chars:
-            return
 
 
 def _allow_grain_workers() -> None:

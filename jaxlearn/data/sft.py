@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: conversations -> loss-masked, first-fit-packed batches.
 
 SFT is a data concern: the batches have the same five keys as pretraining batches
-(`inputs`, `targets`, `segment_ids`, `positions`, `loss_mask`, see `jaxlearn.data.pipeline`), and
+(`inputs`, `targets`, `segment_ids`, `positions`, `loss_mask`, see `jaxlearn.data.batching`), and
 the `lm` objective's masked cross-entropy over `loss_mask` *is* the SFT loss. What changes:
 
 - Each conversation is rendered with the tokenizer's chat template (`encode_chat`) and
@@ -34,14 +34,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxlearn.data.batching import eval_share, per_shard_batch
 from jaxlearn.data.chat import encode_chat
 from jaxlearn.data.corpora import stable_fraction
 from jaxlearn.data.errors import DataError
+# `is_chat` and CHAT_SOURCES are decided in jaxlearn/data/formats.py; re-exported for old imports.
+from jaxlearn.data.formats import CHAT_SOURCES, is_chat  # noqa: F401
 from jaxlearn.data.instruct import Example, load_examples
-
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-# Sources whose documents are conversations whatever `data.format` says.
-CHAT_SOURCES = ("wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval")
 # The DataConfig split names of the pretraining pipeline -> instruction dataset splits.
 _SPLIT = {"train": "train", "eval": "validation", "validation": "validation", "test": "test"}
 
@@ -68,16 +67,6 @@ class SFTStats:
         return (f"{self.examples} examples: {self.kept} kept ({self.truncated} truncated), {dropped} dropped "
                 f"(too long: {self.dropped_too_long}, no response: {self.dropped_no_target}); "
                 f"{self.tokens} tokens, {self.target_tokens} under the loss")
-
-
-def is_chat(data_cfg: Any) -> bool:
-    """Whether a DataConfig's documents are conversations (SFT) rather than plain text.
-
-    >>> from jaxlearn.config import DataConfig
-    >>> is_chat(DataConfig(source="wordnet")), is_chat(DataConfig(source="brown"))
-    (True, False)
-    """
-    return getattr(data_cfg, "format", "text") == "chat" or data_cfg.source in CHAT_SOURCES
 
 
 class _PlainTextChat:
@@ -197,49 +186,56 @@ def pack_rows(rows: grain.IterDataset, seq_len: int, num_bins: int) -> grain.Ite
 
 def sft_dataset(rows: Sequence[dict], *, seq_len: int, batch_size: int, shuffle: bool = True, seed: int = 0,
                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None) -> grain.IterDataset:
-    """Training batches of packed examples (`batch_size` global, this host's share per batch).
+    """Training batches of packed examples (`batch_size` global, this shard's share per batch).
 
-    Host `shard_index` reads examples `shard_index::shard_count`; `num_epochs=None` repeats
-    forever, reshuffled each epoch. The iterator is checkpointable (`get_state`/`set_state`).
+    Shard `shard_index` of `shard_count` reads examples `shard_index::shard_count` and yields
+    `batch_size // shard_count` rows per batch, as pretraining shards documents.
+    `num_epochs=None` repeats forever, reshuffled each epoch. The iterator is checkpointable
+    (`get_state`/`set_state`).
 
     >>> next(iter(sft_dataset(rows, seq_len=128, batch_size=8)))["inputs"].shape   # doctest: +SKIP
     (8, 128)
     """
-    if not 0 <= shard_index < shard_count or batch_size % shard_count:
-        raise DataError(f"data.batch_size={batch_size} must divide over {shard_count} hosts "
-                        f"(shard {shard_index}).")
-    per_host = batch_size // shard_count
+    per_shard = per_shard_batch(batch_size, shard_index, shard_count)
     ds = grain.MapDataset.source(list(rows))[shard_index::shard_count]
     if len(ds) == 0:
-        raise DataError(f"host {shard_index} of {shard_count} gets no SFT examples (only {len(rows)} kept).")
+        raise DataError(f"shard {shard_index} of {shard_count} gets no SFT examples (only {len(rows)} kept); "
+                        f"lower data.shards or add examples.")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).to_iter_dataset()
-    return pack_rows(ds, seq_len, num_bins=per_host).batch(per_host, drop_remainder=True)
+    return pack_rows(ds, seq_len, num_bins=per_shard).batch(per_shard, drop_remainder=True)
 
 
 def sft_eval_batches(rows: Sequence[dict], *, seq_len: int, batch_size: int, max_batches: int | None = None,
                      shard_index: int = 0, shard_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """One unshuffled pass over `rows`, packed first-fit, padded to full batches (this host's share).
+    """One unshuffled pass over `rows`, packed first-fit, padded to full batches (this shard's share).
 
     >>> len(sft_eval_batches(rows, seq_len=128, batch_size=8, max_batches=2))   # doctest: +SKIP
     2
     """
-    per_host = batch_size // shard_count
+    per_shard_batch(batch_size, shard_index, shard_count)  # a bad layout fails before packing
+    packed = sft_eval_rows(rows, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    return eval_share(packed, batch_size=batch_size, shards=range(shard_index, shard_index + 1),
+                      shard_count=shard_count)
+
+
+def sft_eval_rows(rows: Sequence[dict], *, seq_len: int, batch_size: int,
+                  max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The packed rows of one unshuffled pass (at most `max_batches` global batches of them).
+
+    They do not depend on the number of hosts or shards; `batching.eval_share` splits them.
+
+    >>> len(sft_eval_rows(rows, seq_len=128, batch_size=8, max_batches=2)) <= 16   # doctest: +SKIP
+    True
+    """
     limit = math.inf if max_batches is None else max_batches * batch_size
     packed = []
     for row in pack_rows(grain.MapDataset.source(list(rows)).to_iter_dataset(), seq_len, num_bins=batch_size):
         packed.append(row)
         if len(packed) >= limit:
             break
-    pad = {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in FEATURES}
-    batches = []
-    for b in range(math.ceil(len(packed) / batch_size)):
-        lo = b * batch_size + shard_index * per_host
-        mine = packed[lo:lo + per_host]
-        mine += [pad] * (per_host - len(mine))
-        batches.append({k: np.stack([r[k] for r in mine]) for k in FEATURES})
-    return batches
+    return packed
 
 
 def chat_examples_for(data_cfg: Any, split: str) -> list[Example]:
@@ -271,20 +267,44 @@ def chat_examples_for(data_cfg: Any, split: str) -> list[Example]:
     return examples
 
 
+def encode_split(data_cfg: Any, tokenizer: Any, split: str) -> tuple[list[dict], SFTStats]:
+    """The encoded rows of one split of a DataConfig's conversations, and the encoding counts.
+
+    The training split must keep at least one example (a DataError says how to fix it).
+
+    >>> rows, stats = encode_split(DataConfig(source="wordnet", seq_len=128), tok, "train")   # doctest: +SKIP
+    """
+    rows, stats = encode_examples(tokenizer, chat_examples_for(data_cfg, split), data_cfg.seq_len,
+                                  train_on_prompt=data_cfg.train_on_prompt, truncation=data_cfg.truncation)
+    if split == "train" and not rows:
+        raise DataError(f"no SFT training example fits data.seq_len={data_cfg.seq_len} ({stats.summary()}); "
+                        f"raise data.seq_len.")
+    return rows, stats
+
+
+def train_rows_iterator(data_cfg: Any, rows: Sequence[dict], *, shard_index: int = 0, shard_count: int = 1,
+                        seed: int | None = None) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of one shard's SFT training batches of encoded `rows`.
+
+    `seed` overrides `data_cfg.seed`.
+
+    >>> it = train_rows_iterator(cfg.data, encode_split(cfg.data, tok, "train")[0])   # doctest: +SKIP
+    """
+    return iter(sft_dataset(rows, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, shuffle=data_cfg.shuffle,
+                            seed=data_cfg.seed if seed is None else seed, shard_index=shard_index,
+                            shard_count=shard_count))
+
+
 def make_sft_train_iterator(data_cfg: Any, tokenizer: Any, *, shard_index: int = 0, shard_count: int = 1,
                             seed: int | None = None) -> tuple[grain.DatasetIterator, SFTStats]:
-    """An endless, checkpointable iterator of SFT training batches, and the encoding counts.
+    """An endless, checkpointable iterator of one shard's SFT training batches, and the encoding counts.
+
+    New code uses `jaxlearn.data.feed.make_feed`, which encodes once for all the shards a host owns.
 
     >>> it, stats = make_sft_train_iterator(DataConfig(source="wordnet", seq_len=128), tok)   # doctest: +SKIP
     """
-    rows, stats = encode_examples(tokenizer, chat_examples_for(data_cfg, "train"), data_cfg.seq_len,
-                                  train_on_prompt=data_cfg.train_on_prompt, truncation=data_cfg.truncation)
-    if not rows:
-        raise DataError(f"no SFT training example fits data.seq_len={data_cfg.seq_len} ({stats.summary()}); "
-                        f"raise data.seq_len.")
-    ds = sft_dataset(rows, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, shuffle=data_cfg.shuffle,
-                     seed=data_cfg.seed if seed is None else seed, shard_index=shard_index, shard_count=shard_count)
-    return iter(ds), stats
+    rows, stats = encode_split(data_cfg, tokenizer, "train")
+    return train_rows_iterator(data_cfg, rows, shard_index=shard_index, shard_count=shard_count, seed=seed), stats
 
 
 def make_sft_eval_batches(data_cfg: Any, tokenizer: Any, max_batches: int | None, shard_index: int = 0,
@@ -293,7 +313,6 @@ def make_sft_eval_batches(data_cfg: Any, tokenizer: Any, max_batches: int | None
 
     >>> batches, stats = make_sft_eval_batches(cfg.data, tok, max_batches=4)    # doctest: +SKIP
     """
-    rows, stats = encode_examples(tokenizer, chat_examples_for(data_cfg, split), data_cfg.seq_len,
-                                  train_on_prompt=data_cfg.train_on_prompt, truncation=data_cfg.truncation)
+    rows, stats = encode_split(data_cfg, tokenizer, split)
     return sft_eval_batches(rows, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, max_batches=max_batches,
                             shard_index=shard_index, shard_count=shard_count), stats

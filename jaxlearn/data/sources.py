@@ -387,7 +387,9 @@ def held_out_mask(num_documents: int, eval_fraction: float) -> np.ndarray:
 
     The hash (splitmix64) depends only on the index, so the split is the same on every host
     and every run. When the fraction selects no document but there are at least two, the one
-    with the smallest hash is held out, so a small dataset still gets an eval split.
+    with the smallest hash is held out, so a small dataset still gets an eval split. (Named
+    records are split by `corpora.stable_fraction` of their key instead; the two hashes stay
+    apart because moving either onto the other would move documents between existing splits.)
 
     >>> held_out_mask(10, 0.3).tolist()
     [False, False, False, True, False, False, False, False, False, False]

@@ -25,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlearn.data.errors import DataError
+from jaxlearn.perms import make_normal
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -193,6 +194,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, then rename: readers never see half."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        make_normal(tmp)  # mkstemp makes it 0600; the tokenizer is shared like any run file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlearn.data.batching import TOKEN_FEATURES
 from jaxlearn.data.chat import END_OF_TURN, encode_prompt, stop_ids
 from jaxlearn.data.sft import chat_tokenizer, encode_example
 from jaxlearn.models.generate import SamplingConfig, generate
-from jaxlearn.objectives.lm import token_cross_entropy
+from jaxlearn.objectives.forward import masked_sum, token_logprobs
+from jaxlearn.peft.merge import without_adapters
 
 
 @dataclasses.dataclass
@@ -42,13 +44,6 @@ class EvalModel:
     @property
     def max_seq_len(self) -> int:
         return self.model.cfg.max_seq_len
-
-
-def _strip_adapters(params: dict) -> dict:
-    """The base model: adapter leaves (LoRA/DoRA/IA3/bottleneck) and prefix/prompt removed."""
-    from jaxlearn.peft.merge import base_leaves
-
-    return {k: v for k, v in base_leaves(params).items() if k not in ("prefix", "prompt")}
 
 
 def load_eval_model(spec: str, *, adapter: str | None = None, no_adapters: bool = False) -> EvalModel:
@@ -90,10 +85,10 @@ def load_eval_model(spec: str, *, adapter: str | None = None, no_adapters: bool 
     if adapter:
         from jaxlearn.peft.files import load_adapter
 
-        params, meta = load_adapter(adapter, _strip_adapters(params))
+        params, meta = load_adapter(adapter, without_adapters(params))
         desc["adapter_method"] = meta["method"]
     if no_adapters:
-        params = _strip_adapters(params)
+        params = without_adapters(params)
     return EvalModel(str(spec), model, params, tok, desc)
 
 
@@ -133,10 +128,8 @@ def generate_replies(em: EvalModel, conversations: Sequence[Sequence[dict]], *, 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _row_nll(model, params, batch):
     """Per-row summed next-token NLL over `loss_mask`, and the count of scored tokens."""
-    logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce, _ = token_cross_entropy(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask, axis=-1), jnp.sum(mask, axis=-1)
+    return -masked_sum(token_logprobs(model, params, batch), mask), jnp.sum(mask, axis=-1)
 
 
 def batch_nll(em: EvalModel, batches: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +167,7 @@ def reference_nll(em: EvalModel, conversations: Sequence[Sequence[dict]], *, bat
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         length = -(-max(len(rows[i]["inputs"]) for i in idx) // bucket) * bucket
-        batch = {k: np.zeros((batch_size, length), np.float32 if k == "loss_mask" else np.int32)
-                 for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+        batch = {k: np.zeros((batch_size, length), dtype) for k, dtype in TOKEN_FEATURES.items()}
         for r, i in enumerate(idx):
             n = len(rows[i]["inputs"])
             for k in ("inputs", "targets", "loss_mask"):

@@ -1,29 +1,31 @@
 """Run untrusted Python (model-generated code) in a constrained subprocess.
 
-Layers, from strongest to weakest (no root needed for any of them):
+Layers, from strongest to weakest (none needs root; see docs/sandbox.md for what each one does
+and does not isolate):
 
-1. **Process**: a fresh `python -I -B` (isolated: no user site, no PYTHON* variables, no
-   script directory on sys.path) in its own session/process group; on timeout the whole
-   group is killed with SIGKILL (`os.killpg`), so children cannot outlive it.
-2. **Resource limits** (`prlimit`, else `setrlimit` in the child before exec): address space (`memory_mb`), CPU seconds,
-   file size (`max_file_mb`), no core dumps. A memory bomb gets `MemoryError`; a busy loop is
-   killed by the wall-clock timeout (and by RLIMIT_CPU if the parent is stuck).
-3. **Network**: when `unshare -rn` works (an unprivileged user + network namespace; most
-   Linux hosts and containers allow it), the program runs in a namespace whose only interface
-   is a down loopback: no connection can leave. Where it does not work, the prelude's audit
-   hook refuses `socket.connect`/`bind`/`sendto`/`getaddrinfo`; `SandboxResult.network`
-   says which layer was used.
-4. **File system**: the working directory is a fresh temporary directory (removed
-   afterwards), HOME/TMPDIR point into it, and the environment is scrubbed. A prelude
-   installs a `sys.addaudithook` hook (it cannot be removed once added) that refuses opening a
-   file for writing, and removing, renaming, creating or changing files, anywhere outside that
-   directory; it also refuses starting processes (`os.system`, `subprocess`, `fork`, `exec`)
-   and loading `ctypes`, which could go around the hook.
+1. **User**: run as root, the program runs as `nobody` (Popen's `user=`, set in C between fork
+   and exec), with no supplementary groups; it owns only its temporary directory.
+2. **Namespaces** (`unshare -rn --pid --fork --kill-child`, where unprivileged user namespaces
+   work): an empty network namespace (a down loopback: no connection leaves), and a pid
+   namespace whose first process is the program, so when it dies or is killed on timeout the
+   kernel kills every process it started, `setsid` children included.
+3. **Resource limits** (`prlimit`, else `setrlimit` in the child before exec): address space
+   (`memory_mb`), CPU seconds, file size (`max_file_mb`), processes and threads (`max_procs`
+   above what the user runs already), no core dumps.
+4. **Audit hook** (a `sys.addaudithook` prelude that cannot be removed): refuses writing,
+   removing, renaming, linking or changing files outside the temporary directory (also through
+   `dir_fd` and open descriptors), opening directories outside it, changing directory, starting
+   processes (`os.system`, `subprocess`, `fork`, `exec*`, `posix_spawn`, and
+   `_posixsubprocess.fork_exec`), `ctypes`/`cffi`, `sqlite3` (it writes files and loads native
+   extensions), the `gc` referrer walks, and, without a network namespace, socket calls.
+5. **Process**: a fresh `python -I -B` in its own session, in a fresh temporary directory
+   (removed afterwards) with HOME/TMPDIR inside it and a scrubbed environment; output is read
+   in bounded chunks (only `max_output` bytes of each stream are kept); on timeout the session
+   and every descendant get SIGKILL.
 
-Honest limits: the audit hook is a guard against ordinary code (what a language model
-writes), not a security boundary against a determined attacker who finds a C-level escape; it
-does not confine reads. For hostile code, run this inside a container or VM as well.
-Example::
+Honest limits: reads are not confined (the program can read what its user can read: everything
+world-readable); the audit hook guards against ordinary code, not a determined attacker with a
+C-level escape. For hostile code, run this inside a container or VM as well. Example::
 
     r = run_python("print(sum(range(10)))", timeout=5)
     r.status, r.stdout          # ('ok', '45\\n')
@@ -35,6 +37,7 @@ import dataclasses
 import functools
 import os
 import resource
+import selectors
 import shutil
 import signal
 import subprocess
@@ -43,52 +46,101 @@ import tempfile
 import time
 from pathlib import Path
 
-# Installed before the untrusted program runs; `_ROOT` is the sandbox's temporary directory.
+# Installed before the untrusted program runs, in the sandbox's temporary directory (the cwd).
+# The guard keeps its settings in a closure, not in module globals: the program can reach this
+# module as `__main__`, but not the closure's cells.
 _PRELUDE = r'''
-import os, sys
-_ROOT = os.path.realpath(os.getcwd())
-_NET = %(deny_network)r
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.rename": 2, "os.link": 2, "os.symlink": 2,
-                "os.chmod": 1, "os.chown": 1, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
-                "shutil.copyfile": 2, "shutil.copytree": 2, "shutil.move": 2, "os.chdir": 1}
-_DENY = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
-         "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.setrecursionlimit_never"}
-_NET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo"}
+import os, sys, pathlib
 
-def _inside(path):
-    if isinstance(path, int):
-        return True  # an already open descriptor
-    try:
-        p = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return p == _ROOT or p.startswith(_ROOT + os.sep)
+def _make_guard(root, deny_network):
+    import os
+    realpath, isdir, readlink, fsdecode = os.path.realpath, os.path.isdir, os.readlink, os.fsdecode
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    safe_path_types = (str, bytes, pathlib.PosixPath, pathlib.PurePosixPath)
+    # event -> (path argument, its dir_fd argument or None) pairs
+    path_events = {
+        "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
+        "os.link": ((0, 2), (1, 3)), "os.symlink": ((0, None), (1, 2)), "os.chmod": ((0, 2),),
+        "os.chown": ((0, 3),), "os.truncate": ((0, None),), "os.utime": ((0, 3),), "shutil.rmtree": ((0, 1),),
+        "shutil.copyfile": ((0, None), (1, None)), "shutil.copytree": ((0, None), (1, None)),
+        "shutil.move": ((0, None), (1, None)),
+    }
+    deny = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+            "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sqlite3.connect",
+            "sqlite3.enable_load_extension", "sqlite3.load_extension"}
+    deny_imports = {"ctypes", "_ctypes", "cffi", "_posixsubprocess", "_sqlite3", "sqlite3"}
+    net_events = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo"}
 
-def _guard(event, args):
-    if event == "open":
-        path, mode, flags = args
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE_FLAGS)
-        if writing and path is not None and not _inside(path):
-            raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory is not allowed")
-    elif event in _PATH_EVENTS:
-        for path in args[:_PATH_EVENTS[event]]:
-            if path is not None and not _inside(path):
-                raise PermissionError(f"sandbox: {event} on {path!r} outside the sandbox directory is not allowed")
-    elif event in _DENY or event.startswith("os.exec") or event.startswith("os.spawn"):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    elif event == "import" and args[0] in ("ctypes", "_ctypes", "cffi"):
-        raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
-    elif _NET and event in _NET_EVENTS:
-        raise PermissionError(f"sandbox: network access ({event}) is not allowed")
+    def refuse(what):
+        raise PermissionError(f"sandbox: {what} is not allowed")
+
+    def resolve(path, dir_fd=None):
+        """The real absolute path `path` names (relative to `dir_fd` when given), or None."""
+        if isinstance(path, int):  # an open descriptor: where does it point?
+            path, dir_fd = readlink(f"/proc/self/fd/{path}"), None
+            if not path.startswith("/"):
+                return root  # a pipe, socket or /dev/null: not a file-system path
+        if type(path) not in safe_path_types:
+            # a custom __fspath__ may answer differently to the check and to the system call
+            refuse(f"a path of type {type(path).__name__}")
+        path = fsdecode(path)
+        if dir_fd is not None and dir_fd >= 0 and not path.startswith("/"):  # the events give -1 for none
+            path = os.path.join(readlink(f"/proc/self/fd/{dir_fd}"), path)
+        return realpath(path)
+
+    def inside(path, dir_fd=None):
+        p = resolve(path, dir_fd)
+        return p == root or p.startswith(root + os.sep)
+
+    def guard(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if path is None:
+                return
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & write_flags)
+            # The event does not carry os.open's dir_fd: so no descriptor of a directory outside
+            # may exist (relative names are then checked from the cwd, which cannot move).
+            if (writing or isdir(resolve(path))) and not inside(path):
+                refuse(f"opening {path!r} outside the sandbox directory" + (" for writing" if writing else ""))
+        elif event in path_events:
+            for i, fd_i in path_events[event]:
+                path = args[i] if i < len(args) else None
+                dir_fd = args[fd_i] if fd_i is not None and fd_i < len(args) else None
+                if path is not None and not inside(path, dir_fd):
+                    refuse(f"{event} on {path!r} outside the sandbox directory")
+        elif event == "os.chdir":
+            if resolve(args[0]) != root:
+                refuse("changing the working directory")
+        elif event in deny or event.startswith("os.exec") or event.startswith("os.spawn"):
+            refuse(event)
+        elif event == "import" and args[0] in deny_imports:
+            refuse(f"importing {args[0]}")
+        elif deny_network and event in net_events:
+            refuse(f"network access ({event})")
+
+    return guard
+
+def _no_fork_exec(*args, **kwargs):
+    raise PermissionError("sandbox: starting processes (_posixsubprocess.fork_exec) is not allowed")
 
 with open("program.py", encoding="utf-8") as _f:
     _src = _f.read()
-sys.addaudithook(_guard)
-del _f
+if %(audit)r:
+    # `subprocess` (and so asyncio, multiprocessing, ...) import _posixsubprocess: keep them
+    # importable, with a fork_exec that refuses; a fresh import of it is refused by the guard.
+    import _posixsubprocess
+    _posixsubprocess.fork_exec = _no_fork_exec
+    sys.addaudithook(_make_guard(os.path.realpath(os.getcwd()), %(deny_network)r))
+del _f, _make_guard
 exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 '''
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here as configured (e.g. as root with no interpreter the
+    unprivileged user can run); the message says what to change."""
 
 
 @dataclasses.dataclass
@@ -101,89 +153,265 @@ class SandboxResult:
     stderr: str
     seconds: float
     network: str  # "namespace" (unshare -rn) or "audit-hook"
+    user: str = ""  # who the program ran as, e.g. "nobody (uid 65534)"
+    pid_namespace: bool = False  # a timeout kills every process the program started (setsid too)
+    truncated: bool = False  # stdout or stderr was longer than max_output; the rest was read and dropped
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-@functools.lru_cache(maxsize=1)
+@dataclasses.dataclass(frozen=True)
+class _Identity:
+    """Who runs the program: the current user, or (when that is root) an unprivileged one."""
+
+    uid: int | None  # None: do not change user
+    gid: int | None
+    name: str
+
+    def popen_kwargs(self) -> dict:
+        # Popen changes user in C between fork and exec (no Python runs in the child).
+        return {} if self.uid is None else {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def _identity() -> _Identity:
+    if os.geteuid() != 0:
+        return _Identity(None, None, f"{pwd_name(os.geteuid())} (uid {os.geteuid()})")
+    try:
+        import pwd
+
+        entry = pwd.getpwnam("nobody")
+        uid, gid = entry.pw_uid, entry.pw_gid
+    except (ImportError, KeyError):
+        uid = gid = 65534
+    return _Identity(uid, gid, f"nobody (uid {uid})")
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+@functools.lru_cache(maxsize=4)
+def _interpreter(ident: _Identity) -> str:
+    """A Python the sandbox user can run: this one, else a system `python3` (root with a
+    Python under /root, which `nobody` cannot read). Probed once per identity."""
+    if ident.uid is None:
+        return sys.executable
+    candidates = [sys.executable, getattr(sys, "_base_executable", "")]
+    candidates += [p for p in (shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin"),) if p]
+    for exe in dict.fromkeys(c for c in candidates if c):
+        try:
+            r = subprocess.run([exe, "-I", "-c", "import _posixsubprocess"], capture_output=True, timeout=20,
+                               cwd="/", env={"PATH": "/usr/bin:/bin"}, **ident.popen_kwargs())
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            return exe
+    raise SandboxUnavailable(
+        f"running as root, the sandbox drops to {ident.name}, but no Python interpreter is readable by that user "
+        f"(tried {', '.join(dict.fromkeys(c for c in candidates if c))}). Install a system python3 "
+        "(/usr/bin/python3), or run jaxlearn as an unprivileged user.")
+
+
+@functools.lru_cache(maxsize=4)
+def _namespaces(ident: _Identity) -> tuple[bool, bool]:
+    """(network namespace, pid namespace) usable by `ident` through `unshare` (probed once)."""
+    exe = shutil.which("unshare")
+    if exe is None:
+        return False, False
+
+    def works(*flags: str) -> bool:
+        try:
+            return subprocess.run([exe, *flags, "true"], capture_output=True, timeout=10, cwd="/",
+                                  **ident.popen_kwargs()).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+    net = works("-rn")
+    return net, net and works("-rn", "--pid", "--fork", "--kill-child")
+
+
 def network_namespace_available() -> bool:
-    """Whether `unshare -rn` (unprivileged network namespace) works on this host (probed once).
+    """Whether `unshare -rn` (unprivileged network namespace) works for the sandbox's user.
 
     >>> isinstance(network_namespace_available(), bool)
     True
     """
-    exe = shutil.which("unshare")
-    if exe is None:
-        return False
-    try:
-        return subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return _namespaces(_identity())[0]
 
 
-def _limits(memory_mb: int, cpu_seconds: int, max_file_mb: int):
-    def apply() -> None:  # runs in the child between fork and exec
+def _processes_of(uid: int) -> int:
+    """How many processes (threads included: RLIMIT_NPROC counts tasks) `uid` runs now."""
+    n = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("Uid", "-1").split()[0]) == uid:
+                n += int(fields.get("Threads", "1").strip() or 1)
+    return n
+
+
+def _limits(memory_mb: int, cpu_seconds: int, max_file_mb: int, nproc: int):
+    def apply() -> None:  # runs in the child between fork and exec (only without prlimit)
         mem = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
         size = max_file_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
     return apply
 
 
 def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 512, max_file_mb: int = 16,
-               max_output: int = 1 << 16) -> SandboxResult:
+               max_output: int = 1 << 16, max_procs: int = 16, audit: bool = True) -> SandboxResult:
     """Run `code` as a Python program in the sandbox; never raises for anything the code does.
+
+    `max_procs`: processes and threads the program may add (RLIMIT_NPROC); `max_output`: bytes
+    kept of stdout and of stderr (the rest is read and dropped, never held). `audit=False`
+    leaves out the audit-hook layer: only for tests that check the OS layers on their own.
 
     >>> run_python("while True: pass", timeout=1).status
     'timeout'
     >>> run_python("x = bytearray(1 << 40)").stderr.splitlines()[-1]
     'MemoryError'
     """
+    ident = _identity()
+    python = _interpreter(ident)
+    use_net_ns, use_pid_ns = _namespaces(ident)
     tmp = Path(tempfile.mkdtemp(prefix="jaxlearn-sandbox-"))
-    use_ns = network_namespace_available()
     try:
         (tmp / "program.py").write_text(code, encoding="utf-8")
-        (tmp / "_prelude.py").write_text(_PRELUDE % {"deny_network": not use_ns}, encoding="utf-8")
-        cmd = [sys.executable, "-I", "-B", str(tmp / "_prelude.py")]
-        if use_ns:
-            cmd = [shutil.which("unshare"), "-rn"] + cmd  # unshare execs python in place (same pid)
+        (tmp / "_prelude.py").write_text(_PRELUDE % {"deny_network": not use_net_ns, "audit": audit},
+                                         encoding="utf-8")
+        if ident.uid is not None:  # the unprivileged user works in (only) this directory
+            for p in (tmp, tmp / "program.py", tmp / "_prelude.py"):
+                os.chown(p, ident.uid, ident.gid)
+        cmd = [python, "-I", "-B", str(tmp / "_prelude.py")]
+        if use_pid_ns:  # the program is pid 1 of its own namespace: when it dies, all its processes die
+            cmd = [shutil.which("unshare"), "-rn", "--pid", "--fork", "--kill-child", "--"] + cmd
+        elif use_net_ns:
+            cmd = [shutil.which("unshare"), "-rn", "--"] + cmd  # unshare execs python in place (same pid)
+        # RLIMIT_NPROC counts every task of the user, so the cap sits above what it runs already.
+        nproc = _processes_of(os.geteuid() if ident.uid is None else ident.uid) + max_procs + 2
         prlimit = shutil.which("prlimit")
         preexec = None
         if prlimit:  # limits set by util-linux prlimit, which then execs: no Python runs between fork and exec
             mb = 1024 * 1024
             cmd = [prlimit, f"--as={memory_mb * mb}", f"--cpu={int(timeout) + 1}", f"--fsize={max_file_mb * mb}",
-                   "--core=0", "--"] + cmd
+                   "--core=0", f"--nproc={nproc}", "--"] + cmd
         else:  # fall back to setting them in the forked child
-            preexec = _limits(memory_mb, int(timeout) + 1, max_file_mb)
+            preexec = _limits(memory_mb, int(timeout) + 1, max_file_mb, nproc)
         env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "TMPDIR": str(tmp), "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0"}
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec)
+                                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec,
+                                **ident.popen_kwargs())
         try:
-            out, err = proc.communicate(timeout=timeout)
-            status = "ok" if proc.returncode == 0 else "error"
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-            status = "timeout"
+            out, err, timed_out, truncated = _collect(proc, timeout, max_output)
         finally:
-            _kill_group(proc.pid)  # anything the program left running in its group
-        seconds = time.perf_counter() - t0
-        text = lambda b: b[:max_output].decode("utf-8", "replace")  # noqa: E731
-        return SandboxResult(status, proc.returncode, text(out), text(err), seconds,
-                             "namespace" if use_ns else "audit-hook")
+            _kill_all(proc.pid)  # anything the program left running
+            proc.stdout.close()
+            proc.stderr.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        status = "timeout" if timed_out else "ok" if proc.returncode == 0 else "error"
+        text = lambda b: bytes(b).decode("utf-8", "replace")  # noqa: E731
+        return SandboxResult(status, proc.returncode, text(out), text(err), time.perf_counter() - t0,
+                             "namespace" if use_net_ns else "audit-hook", ident.name, use_pid_ns, truncated)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _kill_group(pid: int) -> None:
+def _collect(proc: subprocess.Popen, timeout: float, limit: int) -> tuple[bytearray, bytearray, bool, bool]:
+    """Read stdout and stderr in 64 KiB chunks until both close and the process exits, keeping
+    at most `limit` bytes of each (a program printing 300 MB costs the parent 128 KiB). On
+    timeout, kill everything and read on for at most 2 s: an escaped child holding the pipes
+    open cannot hang the caller. Returns (stdout, stderr, timed out, truncated)."""
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    timed_out = truncated = False
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            if timed_out:
+                break  # the grace period after the kill is over
+            timed_out = True
+            _kill_all(proc.pid)
+            deadline = now + 2.0
+            continue
+        if not sel.get_map():  # both pipes closed: wait for the exit itself
+            try:
+                proc.wait(timeout=deadline - now)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for key, _ in sel.select(deadline - now):
+            try:
+                chunk = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(key.fd)
+                continue
+            buf = bufs[key.fd]
+            room = limit - len(buf)
+            truncated |= len(chunk) > room
+            if room > 0:
+                buf += chunk[:room]
+    sel.close()
+    return bufs[proc.stdout.fileno()], bufs[proc.stderr.fileno()], timed_out, truncated
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (through parent links; a setsid child keeps its parent)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_all(pid: int) -> None:
+    """SIGKILL the program's session: its process group, and every descendant found through
+    /proc (children that called setsid). With a pid namespace the kernel does this anyway
+    when the namespace's first process dies."""
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        tree = _descendants(pid)
+    except OSError:
+        tree = []
+    # The program's processes first, the group last: `unshare` (our child) then sees its child
+    # die and reaps it, instead of leaving it to init as a zombie.
+    for target, kill in [(p, os.kill) for p in tree] + [(pid, os.killpg)]:
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

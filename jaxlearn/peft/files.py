@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from jaxlearn.peft.filter import flat_paths, unflatten_paths
 from jaxlearn.peft.merge import ADAPTER_LEAF
+from jaxlearn.perms import make_normal
 
 
 class AdapterMismatchError(ValueError):
@@ -88,6 +89,7 @@ def save_adapter(directory: str | Path, trainable: dict, frozen: dict, peft_cfg:
         "recipe": recipe,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=directory))
+    make_normal(tmp)  # mkdtemp makes it 0700; the renamed version directory must be readable like its files
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", jax.device_get(unflatten_paths(flat)))

@@ -16,7 +16,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np

@@ -36,6 +36,16 @@ def base_leaves(params: dict) -> dict:
     return unflatten_paths({k: v for k, v in flat_paths(params).items() if not ADAPTER_LEAF.search(k)})
 
 
+def without_adapters(params: dict) -> dict:
+    """The base model's parameters: adapter leaves, prefixes/soft prompts and objective heads
+    removed. A view of the same arrays (no copy): with PEFT this IS the reference policy.
+
+    >>> sorted(without_adapters({"q": {"kernel": 1, "lora_a": 2}, "prompt": {"embedding": 3}}))
+    ['q']
+    """
+    return {k: v for k, v in base_leaves(params).items() if k not in ("prefix", "prompt", "heads")}
+
+
 def _modules(flat: dict) -> dict[str, dict[str, Any]]:
     mods: dict[str, dict[str, Any]] = {}
     for k, v in flat.items():

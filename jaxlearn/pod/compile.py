@@ -10,11 +10,10 @@ memory and FLOP counts. Example::
     report.fits, report.total_bytes / 2**30      # True, ~40 GiB per chip
     print(report.text())
 
-Frozen extra models (a DPO reference policy, a distillation teacher) enter as
-`frozen_models={"teacher": ModelConfig(...)}`: their parameters are built abstractly in the same
-shardings and passed to the step as one more (non-donated) argument; `objective_factory(model,
-cfg, frozen)` receives the traced trees and returns the objective. Objectives that need no extra
-model use the trainer's `make_objective` and the trainer's compiled step unchanged.
+Frozen extra models (a DPO reference policy, a distillation teacher) and objective-owned heads
+come from the recipe's objective (`Objective.extras()`, `init_heads`): the extras are built
+abstractly in their shardings by the trainer's own `build_extras` and passed to the trainer's
+own compiled step, so the report counts them per chip (`extra_model_bytes`).
 """
 
 from __future__ import annotations
@@ -23,36 +22,25 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxlearn.config import Config, ModelConfig
-from jaxlearn.models.transformer import Transformer, abstract_params
-from jaxlearn.objectives.lm import Objective, make_objective
+from jaxlearn.config import Config
+from jaxlearn.models.transformer import Transformer
+from jaxlearn.objectives.registry import build_objective
 from jaxlearn.peft.filter import flat_paths
 from jaxlearn.pod.topologies import GIB, TpuGeneration, parse_topology, slice_name, topology_devices
-from jaxlearn.sharding import ShardingContext, make_mesh, rules_for, tree_shardings
+from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
+from jaxlearn.train.extras import build_extras
 from jaxlearn.train.state import build_state
-from jaxlearn.train.step import compile_train_step, make_train_step
+from jaxlearn.train.step import compile_train_step
 
-ObjectiveFactory = Callable[[Transformer, Config, Mapping[str, Any]], Objective]
-FEATURE_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-                  "positions": jnp.int32, "loss_mask": jnp.float32}
 # Above this share of HBM a run is reported as not fitting: the runtime reserves some HBM and
 # fragmentation needs headroom.
 HBM_HEADROOM = 0.9
-
-
-def default_objective(model: Transformer, cfg: Config, frozen: Mapping[str, Any]) -> Objective:
-    """The trainer's objective (`make_objective`); it takes no frozen extra models."""
-    if frozen:
-        raise ValueError(f"objective.type {cfg.objective.type!r} uses no frozen extra models, got {sorted(frozen)}; "
-                         "pass an objective_factory that consumes them.")
-    return make_objective(model, cfg.objective)
 
 
 @dataclasses.dataclass
@@ -148,9 +136,7 @@ class FitReport:
         return "\n".join(lines)
 
 
-def fit_check(cfg: Config, topology: str, *, slices: int | None = None,
-              frozen_models: Mapping[str, ModelConfig] | None = None,
-              objective_factory: ObjectiveFactory = default_objective, count_flops: bool = True) -> FitReport:
+def fit_check(cfg: Config, topology: str, *, slices: int | None = None, count_flops: bool = True) -> FitReport:
     """Compile `cfg`'s training step for `topology` ahead of time and report per-device memory.
 
     XLA's cost analysis counts the body of a loop once, so with `scan_layers` its FLOPs miss
@@ -158,20 +144,19 @@ def fit_check(cfg: Config, topology: str, *, slices: int | None = None,
     unrolled layers give the per-layer FLOPs, and the step's count is extrapolated to all
     layers (exact for identical layers); without it `xla_flops` is NaN.
     """
-    report = _compile_report(cfg, topology, slices, frozen_models, objective_factory)
+    report = _compile_report(cfg, topology, slices)
     if count_flops:
         small = lambda n: dataclasses.replace(cfg, model=dataclasses.replace(  # noqa: E731
             cfg.model, n_layers=n, scan_layers=False))
-        f1 = _compile_report(small(1), topology, slices, frozen_models, objective_factory, memory=False).xla_flops
-        f2 = _compile_report(small(2), topology, slices, frozen_models, objective_factory, memory=False).xla_flops
+        f1 = _compile_report(small(1), topology, slices, memory=False).xla_flops
+        f2 = _compile_report(small(2), topology, slices, memory=False).xla_flops
         report.xla_flops = f1 + (cfg.model.n_layers - 1) * (f2 - f1)
     else:
         report.xla_flops = float("nan")
     return report
 
 
-def _compile_report(cfg: Config, topology: str, slices: int | None, frozen_models, objective_factory,
-                    memory: bool = True) -> FitReport:
+def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool = True) -> FitReport:
     slices = cfg.mesh.slices if slices is None else slices
     gen, grid = parse_topology(topology)
     devices = topology_devices(topology, slices)
@@ -185,35 +170,22 @@ def _compile_report(cfg: Config, topology: str, slices: int | None, frozen_model
     rules = rules_for(mesh_cfg)
     shard = ShardingContext(mesh, rules)
     model = Transformer(cfg.model, shard)
-    setup = build_state(model, cfg, mesh, rules, cfg.train.steps, abstract=True)
-    batch_sharding = shard.batch_sharding()
+    objective = build_objective(model, cfg)
+    setup = build_state(model, cfg, mesh, rules, cfg.train.steps, abstract=True, objective=objective)
     b, t = cfg.data.batch_size, cfg.data.seq_len
     n_batch_shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if b % n_batch_shards:
         raise ValueError(f"data.batch_size={b} does not split over the {n_batch_shards} data x fsdp shards of "
                          f"{topology}; use a multiple of {n_batch_shards}.")
-    batch = {k: jax.ShapeDtypeStruct((b, t), dt, sharding=batch_sharding) for k, dt in FEATURE_DTYPES.items()}
-
-    extra, extra_sh = {}, {}
-    for name, mcfg in (frozen_models or {}).items():
-        shapes, logical = abstract_params(Transformer(mcfg, shard))
-        extra_sh[name] = tree_shardings(mesh, logical, rules)
-        extra[name] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   shapes, extra_sh[name])
+    batch_sh = shard.batch_shardings(objective.abstract_batch(b, t))
+    batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         objective.abstract_batch(b, t), batch_sh)
+    extras = build_extras(objective.extras(), shard, abstract=True)
+    extra = extras.values
 
     t0 = time.perf_counter()
-    if not extra:  # exactly the trainer's step
-        objective = objective_factory(model, cfg, {})
-        lowered = compile_train_step(objective, setup, batch_sharding, cfg.optim.grad_accum).lower(setup.state, batch)
-    else:
-        def step(state, batch, frozen):
-            objective = objective_factory(model, cfg, frozen)
-            return make_train_step(objective, setup.optimizer, setup.schedule, cfg.optim.grad_accum)(state, batch)
-
-        replicated = NamedSharding(mesh, P())
-        lowered = jax.jit(step, in_shardings=(setup.shardings, batch_sharding, extra_sh),
-                          out_shardings=(setup.shardings, replicated), donate_argnums=(0,)).lower(
-            setup.state, batch, extra)
+    lowered = compile_train_step(objective, setup, batch_sh, cfg.optim.grad_accum, extras.shardings).lower(
+        setup.state, batch, extra)
     try:
         compiled = lowered.compile()
         compile_error = ""

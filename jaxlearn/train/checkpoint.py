@@ -3,29 +3,50 @@
 A checkpoint holds params (trainable and frozen), optimizer state, step, RNG and the grain
 iterator position, so `--resume` continues exactly where the run stopped. orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves no
-half-written checkpoint behind. Example::
+half-written checkpoint behind. Each completed step then gets a manifest (sizes and SHA-256 of
+its files, jaxlearn/train/manifest.py); `restore_newest` verifies it and falls back past a
+damaged step to the newest intact one. A state holding NaN/inf is never saved. Example::
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=3, async_save=True)
     ckpt.save(step, state, data_iter, metrics={"eval_loss": 2.1})
     state = ckpt.restore(ckpt.latest_step(), abstract_state, data_iter)
+    found = ckpt.restore_newest(abstract_state, data_iter)   # found.step, found.state, found.damaged
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from jaxlearn.distributed import HostFeed
+from jaxlearn.data.feed import HostFeed
 from jaxlearn.peft.filter import flat_paths
+from jaxlearn.train.guard import NonFiniteError, state_is_finite
+from jaxlearn.train.manifest import has_manifest, verify_step, write_manifest
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written for a different model or training setup."""
+
+
+class CheckpointDamagedError(ValueError):
+    """No checkpoint of the run can be restored: each one is damaged."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore_newest` found: the step restored, its state, and the newer
+    steps it had to skip as damaged ({step: what is wrong})."""
+
+    step: int
+    state: Any
+    damaged: dict[int, str]
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -55,6 +76,8 @@ class Checkpointer:
         # Handlers named up front so metadata (shapes) can be read before a restore.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": FeedCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.is_main = jax.process_index() == 0
+        self._saved = False  # a reader (generate, eval) never writes into the run directory
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -64,6 +87,15 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iter: Any | None = None, metrics: dict | None = None,
              force: bool = False) -> bool:
+        """Save `state` (and the data position) as `step`. Refuses (NonFiniteError) a state that
+        holds NaN/inf: saving it would rotate out a finite checkpoint (keep=N)."""
+        if not state_is_finite(state):
+            raise NonFiniteError(
+                f"step {step}: the training state holds NaN/inf values, so it was not saved to {self.directory} "
+                f"(the newest finite checkpoint is step {self.latest_step()}). Lower optim.lr, raise "
+                "optim.warmup_steps or set optim.clip_norm, then resume from it with --resume.")
+        self.seal()  # orbax waits for the previous save here anyway; give it its manifest
+        self._saved = True
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = FeedSave(data_iter)
@@ -99,6 +131,71 @@ class Checkpointer:
                 "Use the same model, peft and optim blocks as the run that wrote it, or start a new run "
                 "in a fresh train.run_dir (or without train.resume=true).")
 
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def seal(self) -> None:
+        """Wait for pending saves, then write the manifest (completion marker + checksums) of
+        every finished step that lacks one. Process 0 only: it sees every host's files."""
+        self.manager.wait_until_finished()
+        if not (self.is_main and self._saved):
+            return
+        for step in self.all_steps():
+            if self.step_dir(step).is_dir() and not has_manifest(self.step_dir(step)):
+                write_manifest(self.step_dir(step))
+
+    def restore_newest(self, abstract_state: Any, data_iter: Any | None = None,
+                       steps: list[int] | None = None) -> Restored:
+        """Restore the newest intact checkpoint among `steps` (default: all), newest first.
+
+        A step is skipped as damaged when its manifest does not match its files, or when it
+        has no manifest and its restore fails. A step whose manifest matches but which does
+        not fit this run (another model) is not damage: CheckpointMismatchError, no fallback.
+        Nothing is moved or deleted here; see `set_aside`.
+
+        >>> found = ckpt.restore_newest(abstract_state, feed)   # doctest: +SKIP
+        >>> found.step, found.damaged
+        (4, {6: 'state/_METADATA is missing'})
+        """
+        damaged: dict[int, str] = {}
+        for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
+            reason = verify_step(self.step_dir(step))
+            if reason is not None:
+                damaged[step] = reason
+                continue
+            verified = has_manifest(self.step_dir(step))
+            try:
+                return Restored(step, self.restore(step, abstract_state, data_iter), damaged)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of an unverified step is damage
+                if verified:
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                damaged[step] = f"it has no manifest and its restore failed ({type(e).__name__}: {first})"
+        listing = "; ".join(f"step {s}: {r}" for s, r in damaged.items()) or "there is none"
+        raise CheckpointDamagedError(
+            f"no checkpoint under {self.directory} can be restored ({listing}). Start a new run in a fresh "
+            "train.run_dir, or without train.resume=true after moving the checkpoints directory away.")
+
+    def set_aside(self, steps: list[int]) -> list[Path]:
+        """Move damaged steps out of the checkpoints directory (to `damaged_checkpoints/` beside
+        it), so the run can write those steps again. Call only after a restore succeeded."""
+        moved = []
+        if self.is_main:
+            for step in steps:
+                dest = self.directory.parent / "damaged_checkpoints" / str(step)
+                n = 1
+                while dest.exists():
+                    dest, n = dest.with_name(f"{step}.{n}"), n + 1
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.step_dir(step), dest)
+                moved.append(dest)
+        if jax.process_count() > 1:  # every host sees the move before it rescans the directory
+            multihost_utils.sync_global_devices("jaxlearn-checkpoints-set-aside")
+        self.manager.reload()
+        return moved
+
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """Restore `state` into the shardings of `abstract_state`; advance `data_iter` in place."""
         self.check_compatible(step, abstract_state)
@@ -109,15 +206,15 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.seal()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.seal()
         self.manager.close()
 
 
 class FeedCheckpointHandler(ocp.CheckpointHandler):
-    """Data position of a `HostFeed` (jaxlearn/distributed.py): one JSON file per document shard.
+    """Data position of a `HostFeed` (jaxlearn/data/feed.py): one JSON file per data shard.
 
     Every process writes the shards it feeds (`shard_3-of-4.json`) and reads the shards it
     feeds now, so a checkpoint written by 2 hosts restores on 1 host and vice versa (the

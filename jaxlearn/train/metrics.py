@@ -10,9 +10,34 @@ Only process 0 writes. Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN/inf float replaced by None, so `json.dumps` writes valid JSON (null).
+
+    >>> json_safe({"loss": float("nan"), "xs": [1.0, float("inf")]})
+    {'loss': None, 'xs': [1.0, None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kw: Any) -> str:
+    """`json.dumps` that never writes the non-JSON tokens NaN/Infinity (they become null).
+
+    >>> dumps_json({"loss": float("nan")})
+    '{"loss": null}'
+    """
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -33,23 +58,27 @@ class MetricsLog:
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records past the restored step (they will be recomputed identically)."""
+    def truncate_after(self, step: int) -> int:
+        """On (re)start: drop records past `step` (they will be recomputed identically), and a
+        torn last line from a kill. Returns how many lines were dropped; the file is rewritten
+        only when there is something to drop."""
         if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _step_of(line) <= step]
-        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+            return 0
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        keep = [line for line in lines if _step_of(line) <= step]
+        if len(keep) < len(lines):
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        return len(lines) - len(keep)
 
     def write(self, step: int, split: str, **values: Any) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_json(record) + "\n")  # NaN/inf as null: every line stays valid JSON
         if self._tb is not None:
             for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)):
+                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
     def records(self) -> list[dict]:
@@ -67,8 +96,9 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         recs = self.records()
-        train = [(r["step"], r["loss"]) for r in recs if r["split"] == "train" and "loss" in r]
-        held = [(r["step"], r["loss"]) for r in recs if r["split"] == "eval" and "loss" in r]
+        # a skipped non-finite step has loss null: a gap in the curve, not a point
+        train = [(r["step"], r["loss"]) for r in recs if r["split"] == "train" and r.get("loss") is not None]
+        held = [(r["step"], r["loss"]) for r in recs if r["split"] == "eval" and r.get("loss") is not None]
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
             ax.plot(*zip(*train), label="train", lw=1)

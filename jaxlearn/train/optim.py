@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
 
 from jaxlearn.config import OptimConfig

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.struct
@@ -64,7 +65,7 @@ def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, opti
 
 def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total_steps: int,
                 params: Any | None = None, prompt_init_ids: Any | None = None,
-                abstract: bool = False) -> StateSetup:
+                abstract: bool = False, objective: Any | None = None) -> StateSetup:
     """Create the initial state directly into its shardings (no unsharded copy on one device).
 
     `params`, when given (an imported checkpoint), is used instead of a fresh init. PEFT
@@ -73,20 +74,29 @@ def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total
     `abstract=True` allocates nothing: the state's leaves are `ShapeDtypeStruct`s carrying their
     shardings, traced from the same `create` function (ahead-of-time compilation of models too
     big for this machine, over devices that are not here; see jaxlearn/pod/compile.py).
+    `objective`'s own parameters (`init_heads`, e.g. a reward head) join the tree under `heads`
+    and always train.
     """
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
     base_abstract, base_logical = abstract_params(model)
     sites = find_sites(base_abstract, base_logical, cfg.peft) if cfg.peft.type in SEAM_METHODS else []
     peft_key = jax.random.PRNGKey(cfg.peft.seed)
-    attached = jax.eval_shape(lambda p: attach(p, cfg.peft, sites, peft_key, prompt_init_ids), base_abstract)
+    head_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2)
+    add_heads = _heads_adder(objective, head_key)
+    attached = jax.eval_shape(lambda p: add_heads(attach(p, cfg.peft, sites, peft_key, prompt_init_ids)),
+                              base_abstract)
     logical = attach_axes(base_logical, cfg.peft, sites)
     patterns = trainable_patterns(cfg.peft)
+    if "heads" in attached:
+        logical = {**logical, "heads": objective.head_axes()}
+        if not any(re.search(p, "heads/") for p in patterns):
+            patterns = patterns + ["^heads/"]
     abstract_trainable, _ = split_params(attached, patterns)
     shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable)
 
     def create(key, given):
         full = given if given is not None else fresh_params(model, jax.random.fold_in(key, 0))
-        full = attach(full, cfg.peft, sites, peft_key, prompt_init_ids)
+        full = add_heads(attach(full, cfg.peft, sites, peft_key, prompt_init_ids))
         trainable, frozen = split_params(full, patterns)
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                           opt_state=optimizer.init(trainable), rng=jax.random.fold_in(key, 1))
@@ -98,3 +108,16 @@ def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total
     else:
         state = jax.jit(create, out_shardings=shardings)(key, params)
     return StateSetup(state, shardings, optimizer, schedule, logical)
+
+
+def _heads_adder(objective: Any | None, key: jax.Array):
+    """params -> params with the objective's heads under `heads` (identity when it has none)."""
+    if objective is None or jax.eval_shape(lambda: objective.init_heads(key)) is None:
+        return lambda p: p
+
+    def add(params):
+        if "heads" in params:  # given parameters of a run that trained them (evaluation, export)
+            return params
+        return {**params, "heads": objective.init_heads(key)}
+
+    return add

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxlearn.config import DataConfig
-from jaxlearn.data import pipeline
+from jaxlearn.data import pipeline, run_tokenizer
 from jaxlearn.data.errors import DataError
 
 SEQ = 32
@@ -235,7 +235,7 @@ def test_ensure_tokenizer_trains_once_then_reuses(tmp_path, monkeypatch, shakesp
     cfg = DataConfig(source="shakespeare", tokenizer_vocab_size=512)
     tok = pipeline.ensure_tokenizer(cfg, tmp_path)
     assert (tmp_path / "tokenizer.model").exists() and tok.vocab_size == 512
-    monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(run_tokenizer, "train_tokenizer", lambda *a, **k: pytest.fail("trained again"))
     assert pipeline.ensure_tokenizer(cfg, tmp_path).encode("ROMEO:") == tok.encode("ROMEO:")
     with pytest.raises(DataError, match="has vocab_size 512 but data.tokenizer_vocab_size is 1024"):
         pipeline.ensure_tokenizer(dataclasses.replace(cfg, tokenizer_vocab_size=1024), tmp_path)

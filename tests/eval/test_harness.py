@@ -10,7 +10,8 @@ import pytest
 from helpers import tiny_model_config
 from jaxlearn.config import PeftConfig
 from jaxlearn.data.chat import encode_prompt
-from jaxlearn.eval.models import EvalModel, _strip_adapters, generate_replies, reference_nll
+from jaxlearn.eval.models import EvalModel, generate_replies, reference_nll
+from jaxlearn.peft.merge import without_adapters
 from jaxlearn.eval.tasks import TaskResult, compare_table, write_report
 from jaxlearn.models.transformer import Transformer, abstract_params, init_params
 from jaxlearn.peft.attach import attach, find_sites
@@ -71,7 +72,7 @@ def test_adapters_disabled_gives_the_base_model(em):
     tokens = jnp.arange(1, 9)[None]
     run = lambda p: model.apply({"params": p}, tokens, jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32))[0]  # noqa: E731
     assert not np.allclose(run(adapted), run(base))
-    np.testing.assert_array_equal(run(_strip_adapters(adapted)), run(base))
+    np.testing.assert_array_equal(run(without_adapters(adapted)), run(base))
 
 
 def test_report_files_and_comparison(tmp_path):

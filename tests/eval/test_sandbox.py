@@ -40,6 +40,15 @@ def test_stops_a_memory_bomb():
     "import os; os.system('touch {path}')",
     "import subprocess; subprocess.run(['touch', {path!r}])",
     "import os; open('inside.txt', 'w').write('x'); os.rename('inside.txt', {path!r})",
+    # issue 15: a descriptor of a directory outside, then a relative name (the open event has no dir_fd)
+    "import os; fd = os.open(os.path.dirname({path!r}), os.O_RDONLY); "
+    "os.close(os.open(os.path.basename({path!r}), os.O_WRONLY | os.O_CREAT, dir_fd=fd))",
+    "import os; os.mkdir('d'); fd = os.open('d', os.O_RDONLY); os.mkdir({path!r}, dir_fd=fd)",
+    "import sqlite3; sqlite3.connect({path!r}).execute('create table t (x)')",
+    # subprocess with its audit event bypassed: straight to _posixsubprocess.fork_exec, a shell
+    "import subprocess, sys, types; fake = types.SimpleNamespace(**vars(sys)); fake.audit = lambda *a: None; "
+    "subprocess.sys = fake; subprocess.run(['/bin/sh', '-c', 'touch {path}'])",
+    "import sys, _posixsubprocess; del sys.modules['_posixsubprocess']; import _posixsubprocess",
 ])
 def test_cannot_write_outside_its_directory(tmp_path, how):
     target = tmp_path / f"escape-{uuid.uuid4().hex}"
@@ -78,3 +87,68 @@ def test_environment_is_scrubbed(monkeypatch):
     monkeypatch.setenv("JAXLEARN_SECRET_TOKEN", "s3cret")
     r = run_python("import os\nprint(sorted(os.environ))")
     assert r.ok and "JAXLEARN_SECRET_TOKEN" not in r.stdout
+
+
+# Issue 15: the OS layers (user, pid namespace, process limit) on their own: `audit=False`
+# leaves the audit hook out, so these programs really try.
+
+
+def _alive(token: str) -> list[str]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if token in cmd:
+            out.append(f"{pid}: {cmd}")
+    return out
+
+
+def test_setsid_children_do_not_outlive_the_timeout():
+    token = f"{uuid.uuid4().int % 1000}.{uuid.uuid4().int % 100000}"  # a unique `sleep` argument
+    code = (f"import subprocess, time\n"
+            f"subprocess.Popen(['sleep', '{token}'], start_new_session=True)\n"
+            f"subprocess.Popen(['sh', '-c', 'setsid sleep {token} & sleep {token}'], start_new_session=True)\n"
+            "time.sleep(0.5)\nprint('started', flush=True)\nwhile True:\n    pass\n")
+    r = run_python(code, timeout=2.0, audit=False)
+    assert r.status == "timeout" and "started" in r.stdout, r.stderr
+    deadline = time.time() + 3
+    while _alive(token) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(token)
+    blocked = run_python(code, timeout=2.0)  # with the audit hook, they do not even start
+    assert blocked.status == "error" and "PermissionError" in blocked.stderr and not _alive(token)
+
+
+def test_a_fork_bomb_is_bounded():
+    code = ("import os, time\nn = 0\ntry:\n    for _ in range(500):\n        if os.fork() == 0:\n"
+            "            time.sleep(60)\n            os._exit(0)\n        n += 1\n"
+            "except OSError as e:\n    print('refused:', e.strerror)\nprint(n, flush=True)\n")
+    r = run_python(code, timeout=5.0, max_procs=8, audit=False)
+    assert "refused" in r.stdout, (r.stdout, r.stderr)
+    assert int(r.stdout.split()[-1]) <= 8
+    threads = run_python("import threading, time\nn = 0\ntry:\n    for _ in range(500):\n"
+                         "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n        n += 1\n"
+                         "except RuntimeError:\n    pass\nprint(n)\n", max_procs=8)
+    assert int(threads.stdout) <= 8  # threads count too (RLIMIT_NPROC counts tasks)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop applies when run as root")
+def test_root_drops_to_an_unprivileged_user():
+    r = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\nopen('/etc/shadow').read()")
+    assert r.user.startswith("nobody") and r.stdout.split()[0] != "0", r.stdout
+    assert "PermissionError" in r.stderr and "/etc/shadow" in r.stderr
+
+
+def test_output_is_read_in_bounded_chunks():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        r = run_python("import sys\nfor _ in range(300):\n    sys.stdout.write('x' * 1_000_000)\n", timeout=30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.ok and r.truncated and r.stdout == "x" * (1 << 16)
+    assert peak < 16 * 2**20  # 300 MB went through the pipe; the parent held a few chunks at a time

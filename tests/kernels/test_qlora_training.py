@@ -35,7 +35,7 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(fmt):
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0) == 2 * n_train
     losses = []
     for i in range(3):
-        state, m = step(state, random_batch(4, 16, 128, seed=i))
+        state, m = step(state, random_batch(4, 16, 128, seed=i), {})
         losses.append(float(m["loss"]))
     for k, v in flat_paths(jax.device_get(state.frozen)).items():
         np.testing.assert_array_equal(v, frozen[k], err_msg=k)

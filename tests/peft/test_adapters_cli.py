@@ -4,7 +4,6 @@ model and the PEFT export both reproduce the run's own logits in transformers/pe
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -98,7 +98,7 @@ def test_train_step_uses_dropout_and_rate_is_frozen():
     batch = random_batch(4, 16, 128, n_docs=2)
     losses = []
     for _ in range(3):
-        state, m = step(state, batch)
+        state, m = step(state, batch, {})
         losses.append(float(m["loss"]))
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, state.frozen))
     assert np.all(np.isfinite(losses))

@@ -1,20 +1,18 @@
 """PEFT invariants: identity at attach, merged == unmerged, frozen base bit-identical, no
 optimizer state or gradient FLOPs for frozen weights, adapters shard like their base weight."""
 
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlearn.config import Config, MeshConfig, OptimConfig, PeftConfig
 from jaxlearn.models.transformer import Transformer, abstract_params, init_params
 from jaxlearn.objectives.lm import make_objective
-from jaxlearn.peft.attach import attach, attach_axes, find_sites, trainable_patterns
-from jaxlearn.peft.filter import flat_paths, split_params
+from jaxlearn.peft.attach import attach, attach_axes, find_sites
+from jaxlearn.peft.filter import flat_paths
 from jaxlearn.peft.merge import adapter_leaves, base_leaves, merge, unmerge
-from jaxlearn.sharding import ShardingContext, logical_to_spec, make_mesh, rules_for
+from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
 from jaxlearn.train.state import build_state
 from jaxlearn.train.step import compile_train_step
 
@@ -119,7 +117,7 @@ def test_training_moves_only_adapters(method):
     train0 = jax.device_get(state.trainable)
     losses = []
     for i in range(3):
-        state, m = step(state, random_batch(4, 16, 128, seed=i))
+        state, m = step(state, random_batch(4, 16, 128, seed=i), {})
         losses.append(float(m["loss"]))
     for k, v in flat_paths(jax.device_get(state.frozen)).items():
         np.testing.assert_array_equal(v, flat_paths(frozen0)[k], err_msg=k)
@@ -132,7 +130,7 @@ def test_lora_removes_weight_gradient_flops():
     flops = {}
     for name, peft in {"full": PeftConfig(), "lora": PeftConfig(type="lora", rank=4)}.items():
         _, _, setup, step = _setup(peft)
-        compiled = step.lower(setup.state, random_batch(4, 16, 128)).compile()
+        compiled = step.lower(setup.state, random_batch(4, 16, 128), {}).compile()
         cost = compiled.cost_analysis()
         flops[name] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     assert flops["lora"] < 0.85 * flops["full"], flops
@@ -159,11 +157,11 @@ def test_adapter_save_load_swap_and_wrong_base(tmp_path):
     state = setup.state
     base = jax.device_get(base_leaves(setup.state.params))  # before training: the original base
     for i in range(2):
-        state, _ = step(state, random_batch(4, 16, 128, seed=i))
+        state, _ = step(state, random_batch(4, 16, 128, seed=i), {})
     batch = random_batch(2, 16, 128, seed=9)
     trained_out = _forward(model, state.params, batch)
     v1 = save_adapter(tmp_path / "adapters", state.trainable, state.frozen, peft, recipe={"model": {}}, step=2)
-    state2, _ = step(state, random_batch(4, 16, 128, seed=5))
+    state2, _ = step(state, random_batch(4, 16, 128, seed=5), {})
     v2 = save_adapter(tmp_path / "adapters", state2.trainable, state2.frozen, peft, step=3)
     assert [p.name for p, _ in list_adapters(tmp_path / "adapters")] == ["v1", "v2"]
     meta = list_adapters(tmp_path / "adapters")[0][1]

@@ -9,7 +9,7 @@ import pytest
 
 from jaxlearn.config import PeftConfig
 from jaxlearn.models.generate import SamplingConfig, generate
-from jaxlearn.models.transformer import Transformer, abstract_params, init_cache, init_params
+from jaxlearn.models.transformer import Transformer, init_cache, init_params
 from jaxlearn.peft.attach import attach, finalize_prefix
 from jaxlearn.peft.filter import flat_paths
 

@@ -7,16 +7,14 @@ state and batch shards, and XLA's FLOPs per step are within a stated factor of 6
 """
 
 import dataclasses
-import math
 
-import jax
 import pytest
 
 from helpers import tiny_model_config
-from jaxlearn.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PeftConfig, load_config
-from jaxlearn.objectives.lm import make_objective
+from jaxlearn.config import Config, DataConfig, MeshConfig, PeftConfig, load_config
 from jaxlearn.pod.compile import _required_temp_bytes, fit_check
 from cli_runner import REPO, run_cli
+from tests.objectives_for_tests import L2Config
 
 POD = REPO / "configs" / "pod"
 
@@ -55,35 +53,38 @@ def test_tiny_model_on_v5e_fsdp_per_device_bytes_and_flops():
     assert 0.95 <= r.flops_ratio <= 1.3, r.flops_ratio
 
 
-def test_frozen_extra_model_hook_adds_sharded_arguments():
-    """A distillation-style objective reading a frozen teacher, passed as an extra argument."""
+def test_objective_extras_and_heads_are_counted_per_chip():
+    """The recipe's objective brings a frozen teacher of another depth, a buffer and a trainable
+    head (tests/objectives_for_tests.py): the fit check compiles the trainer's own step with
+    them as sharded arguments and counts them per chip."""
     student = dataclasses.replace(tiny_model_config(vocab_size=1024, d_model=128, d_ff=256), compute_dtype="bfloat16")
-    teacher = dataclasses.replace(student, d_model=256, d_ff=512, n_layers=3)
     cfg = Config(model=student, data=DataConfig(seq_len=64, batch_size=8))
-
-    def factory(model, cfg, frozen):
-        from jaxlearn.models.transformer import Transformer
-
-        lm = make_objective(model, cfg.objective)
-        t_model = Transformer(teacher, model.shard)
-
-        def objective(params, batch, rng):
-            total, weight, sums = lm(params, batch, rng)
-            t_logits, _ = t_model.apply({"params": frozen["teacher"]}, batch["inputs"], batch["positions"],
-                                        batch["segment_ids"])
-            s_logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-            mse = ((s_logits.astype("float32") - jax.lax.stop_gradient(t_logits).astype("float32")) ** 2).mean(-1)
-            return total + (mse * batch["loss_mask"]).sum(), weight, sums
-
-        return objective
-
+    with_teacher = dataclasses.replace(cfg, objective=L2Config(teacher_layers=3))
     plain = fit_check(cfg, "v5e:2x2", count_flops=False)
-    r = fit_check(cfg, "v5e:2x2", frozen_models={"teacher": teacher}, objective_factory=factory, count_flops=False)
-    t_bytes = teacher.param_count() * 4
-    assert t_bytes / 4 <= r.extra_model_bytes <= t_bytes / 4 * 1.05
-    _check_consistency(r, cfg, pad=2.0)
+    r = fit_check(with_teacher, "v5e:2x2", count_flops=False)
+    t_bytes = dataclasses.replace(student, n_layers=3).param_count() * 4 + student.d_model * 4
+    assert t_bytes / 4 <= r.extra_model_bytes <= t_bytes / 4 * 1.05  # sharded 4 ways like the student
+    _check_consistency(r, with_teacher, pad=2.0)
     assert r.argument_bytes - plain.argument_bytes >= r.extra_model_bytes  # the teacher is an argument
+    head = student.d_model ** 2 * 4
+    assert r.trainable_bytes - plain.trainable_bytes == pytest.approx(head / 4, rel=0.01)  # the head trains
     assert r.xla_flops != r.xla_flops  # NaN: FLOP counting was skipped
+    assert "frozen extra models" in r.text()
+
+
+def test_dpo_reference_model_is_counted_per_chip():
+    """DPO with full fine-tuning reads a frozen copy of the starting weights (the reference): the
+    fit check compiles it as a sharded argument; with LoRA the reference is the base itself."""
+    from jaxlearn.objectives.preference import DPOConfig
+
+    model = dataclasses.replace(tiny_model_config(vocab_size=1024, d_model=128, d_ff=256), compute_dtype="bfloat16")
+    cfg = Config(model=model, data=DataConfig(seq_len=64, batch_size=8), objective=DPOConfig())
+    r = fit_check(cfg, "v5e:2x2", count_flops=False)
+    ref = model.param_count() * 4
+    assert ref / 4 <= r.extra_model_bytes <= ref / 4 * 1.05
+    assert r.batch_bytes >= 2 * 8 * 64 * 4 * 5 / 4  # paired rows [B, 2, T]
+    lora = fit_check(dataclasses.replace(cfg, peft=PeftConfig(type="lora", rank=4)), "v5e:2x2", count_flops=False)
+    assert lora.extra_model_bytes == 0
 
 
 def test_out_of_memory_message_is_parsed():

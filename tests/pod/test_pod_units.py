@@ -1,16 +1,14 @@
 """Fast checks of the pod layer: model sizes, TPU topologies, multi-slice meshes, abstract state."""
 
-import math
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import yaml
 
 from helpers import tiny_model_config
-from jaxlearn.config import Config, ConfigError, DataConfig, MeshConfig, load_config
-from jaxlearn.distributed import HostFeed, owned_shards
+from jaxlearn.config import Config, ConfigError, MeshConfig, load_config
+from jaxlearn.data.feed import HostFeed, owned_shards
 from jaxlearn.models.sizes import SIZES, model_config
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.pod.topologies import TopologyError, chip_count, parse_topology, slice_name, topology_devices

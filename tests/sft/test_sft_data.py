@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from helpers import tiny_model_config
-from jaxlearn.config import ObjectiveConfig
 from jaxlearn.data.chat import encode_chat
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.sft import SFTStats, encode_example, encode_examples, sft_dataset, sft_eval_batches
 from jaxlearn.models.transformer import Transformer, init_params
-from jaxlearn.objectives.lm import make_lm_objective, token_cross_entropy
+from jaxlearn.objectives.lm import LMConfig, LMObjective, token_cross_entropy
 from sft_helpers import CharChatTokenizer
 
 TOK = CharChatTokenizer()
@@ -67,7 +66,7 @@ def test_multi_turn_loss_on_assistant_turns_only():
 
 def test_prompt_tokens_do_not_change_the_loss(tiny):
     model, params = tiny
-    objective = make_lm_objective(model, ObjectiveConfig())
+    objective = LMObjective(model, LMConfig())
     row, _ = encode_example(TOK, conv("Define 'cat'.", "a small feline"), 128)
     batch = as_batch(row, 64)
     loss, n, _ = objective(params, batch, None)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxlearn.config import load_config
 from jaxlearn.data.errors import DataError
-from jaxlearn.data.pipeline import ensure_tokenizer, make_eval_batches, make_train_iterator
+from jaxlearn.data.feed import make_feed, resolve_tokenizer
 from jaxlearn.data.tokenizer import train_tokenizer
 from jaxlearn.train.loop import train
 
@@ -36,14 +36,15 @@ def overrides(d, tok, run_dir):
 def test_chat_recipe_gives_loss_masked_packed_batches(chat_data, tmp_path):
     d, tok = chat_data
     cfg = load_config(None, overrides(d, tok, tmp_path / "run"))
-    tokenizer = ensure_tokenizer(cfg.data, tmp_path / "run")
-    batch = next(make_train_iterator(cfg.data, tokenizer))
+    tokenizer = resolve_tokenizer(cfg.data, tmp_path / "run")
+    feed = make_feed(cfg.data, tokenizer, max_eval_batches=2)
+    batch = next(feed.train)
     assert sorted(batch) == ["inputs", "loss_mask", "positions", "segment_ids", "targets"]
     assert batch["segment_ids"].max() > 1  # packed
     # Only answers (digits and the end-of-turn text) are scored, never the question.
     scored = tokenizer.decode(batch["targets"][batch["loss_mask"] > 0].tolist())
     assert "plus" not in scored and any(c.isdigit() for c in scored)
-    assert len(make_eval_batches(cfg.data, tokenizer, 2)) >= 1
+    assert len(feed.eval_batches) >= 1
 
 
 @pytest.mark.slow
@@ -71,4 +72,4 @@ def test_chat_data_needs_the_models_tokenizer(chat_data, tmp_path):
     d, tok = chat_data
     cfg = load_config(None, [o for o in overrides(d, tok, tmp_path / "run") if not o.startswith("data.tokenizer=")])
     with pytest.raises(DataError, match="set data.tokenizer"):
-        ensure_tokenizer(cfg.data, tmp_path / "run")
+        resolve_tokenizer(cfg.data, tmp_path / "run")

@@ -1,0 +1,301 @@
+"""Preference data: (prompt, chosen, rejected) pairs -> paired token rows for DPO and its kin.
+
+Records come from your JSONL/Parquet files (`data.format: preference`) or from checkable
+builders on data the project already fetches:
+
+| source | prompt | chosen | rejected | split key |
+|---|---|---|---|---|
+| `wordnet_antonym_prefs` | `Give an antonym of 'X'.` | an antonym of X | a synonym of X (same synset), else an unrelated word | X's antonym group (as SFT's `wordnet_antonyms`) |
+| `wordnet_definition_prefs` | `Define 'X'.` | the first gloss clause of X | the gloss clause of another word of the same split | the lemma |
+| `jsonl` / `parquet` | `prompt` (or `messages`, multi-turn) | `chosen` | `rejected` | the record's `id`, else its JSON |
+
+Optional record fields `ref_chosen_logp` / `ref_rejected_logp` carry stored reference
+log-probs (`objective.reference: stored`).
+
+Encoding: both responses are rendered after the SAME prompt with the tokenizer's chat template
+(the prompt's tokens are identical in both rows; a test checks it); the loss mask covers the
+assistant response only, so log-probs are summed over response tokens only. A pair is kept only
+if both rows fit `data.seq_len + 1` tokens whole (never truncated), else dropped and counted.
+A batch holds, for B pairs (padding pairs have `pair_mask` 0):
+
+    inputs, targets, segment_ids, positions   int32   [B, 2, T]   [:, 0] chosen, [:, 1] rejected
+    loss_mask                                 float32 [B, 2, T]   1.0 on response targets
+    pair_mask                                 float32 [B]         1.0 for a real pair
+    ref_logps                                 float32 [B, 2]      stored reference log-probs (0 if none)
+
+Example::
+
+    pairs = preference_pairs(DataConfig(source="wordnet_antonym_prefs"), "train")
+    rows, stats = encode_pairs(tok, pairs, seq_len=64)
+    rows[0]["inputs"].shape      # (2, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxlearn.data.batching import per_shard_batch
+from jaxlearn.data.corpora import fetch_wordnet, stable_fraction
+from jaxlearn.data.errors import DataError
+from jaxlearn.data.formats import PREFERENCE_SOURCES
+from jaxlearn.data.instruct import (ROLES, _records, chat_record_messages, read_wordnet_synsets, split_of,
+                                    wordnet_antonyms, wordnet_definitions)
+from jaxlearn.data.sft import encode_example
+
+PAIR_FEATURES = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+                 "loss_mask": np.float32}
+_SPLIT = {"train": "train", "eval": "validation", "validation": "validation", "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: `prompt` messages, then the preferred and the rejected assistant reply."""
+
+    id: str
+    prompt: tuple[dict, ...]
+    chosen: str
+    rejected: str
+    split: str = "train"
+    ref_logps: tuple[float, float] | None = None  # stored reference log-probs (chosen, rejected)
+
+
+@dataclasses.dataclass
+class PrefStats:
+    """What encoding kept and dropped (pairs are never truncated: both replies stay whole)."""
+
+    pairs: int = 0
+    kept: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    response_tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.kept}/{self.pairs} pairs kept, {self.dropped_too_long} dropped as too long, "
+                f"{self.dropped_no_target} without a response; {self.response_tokens} response tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+
+
+def wordnet_antonym_pairs(cache_dir: str | os.PathLike | None = None) -> list[PreferencePair]:
+    """`Give an antonym of 'X'.`: chosen = X's antonym (the SFT target), rejected = a synonym of X
+    from one of its synsets, or, when X has none, another group's word (deterministic). Splits
+    follow SFT's antonym groups, so no test word (nor its antonyms) is ever trained on."""
+    synsets = read_wordnet_synsets(fetch_wordnet(cache_dir))
+    synonyms: dict[str, set[str]] = {}
+    for s in synsets.values():
+        words = [w for w in s["words"] if w.isalpha() and w.islower() and len(w) >= 3]
+        for w in words:
+            synonyms.setdefault(w, set()).update(x for x in words if x != w)
+    examples = wordnet_antonyms(cache_dir)
+    pool = sorted(e.meta["word"] for e in examples)
+    out = []
+    for e in examples:
+        word, accept = e.meta["word"], set(e.answers)
+        options = sorted(synonyms.get(word, set()) - accept)
+        if not options:  # an unrelated word, picked by a stable hash
+            options = [w for w in pool if w not in accept and w != word]
+        rejected = options[int(stable_fraction(f"antonym-reject:{word}") * len(options))]
+        out.append(PreferencePair(f"antonym-pref/{word}", tuple(e.prompt), e.reference, rejected, e.meta["split"]))
+    return out
+
+
+def wordnet_definition_pairs(cache_dir: str | os.PathLike | None = None) -> list[PreferencePair]:
+    """`Define 'X'.`: chosen = X's gloss clause, rejected = the gloss clause of another word of
+    the same split (a stable pick, never one with the same clause)."""
+    examples = wordnet_definitions(cache_dir)
+    by_split: dict[str, list] = {}
+    for e in examples:
+        by_split.setdefault(e.meta["split"], []).append(e)
+    out = []
+    for split, items in by_split.items():
+        n = len(items)
+        for i, e in enumerate(items):
+            j = (i + 1 + int(stable_fraction(f"define-reject:{e.meta['word']}") * (n - 1))) % n
+            other = items[j].reference if items[j].reference != e.reference else items[(j + 1) % n].reference
+            out.append(PreferencePair(f"define-pref/{e.meta['word']}", tuple(e.prompt), e.reference, other, split))
+    return sorted(out, key=lambda p: p.id)
+
+
+def file_pairs(paths: Sequence[str | os.PathLike], eval_fraction: float) -> list[PreferencePair]:
+    """Pairs from JSONL/Parquet records `{prompt | messages, chosen, rejected}` (optional `id`,
+    `system`, `ref_chosen_logp`, `ref_rejected_logp`). Errors name the file and line."""
+    from jaxlearn.data.sources import expand_paths
+
+    half = eval_fraction / 2
+    out = []
+    for path in expand_paths(paths, what="preference data"):
+        for where, record in _records(path):
+            out.append(_record_pair(record, where, (1 - eval_fraction, half, half)))
+    if not out:
+        raise DataError(f"the preference data files {list(map(str, paths))} hold no records.")
+    return out
+
+
+def _record_pair(record: Any, where: str, fractions) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a preference record must be a JSON object, got {type(record).__name__}.")
+    missing = [k for k in ("chosen", "rejected") if not isinstance(record.get(k), str) or not record[k]]
+    if missing or not ("prompt" in record or "messages" in record):
+        raise DataError(f"{where}: a preference record needs 'prompt' (or 'messages') and non-empty 'chosen' and "
+                        f"'rejected' strings; it has keys {sorted(record)}.")
+    if "messages" in record:
+        prompt = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
+                                      where)[:-1]
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: 'messages' must end with a user turn (the replies are 'chosen'/'rejected').")
+    else:
+        if not isinstance(record["prompt"], str):
+            raise DataError(f"{where}: 'prompt' must be a string.")
+        prompt = [{"role": "user", "content": record["prompt"]}]
+        if isinstance(record.get("system"), str) and record["system"]:
+            prompt.insert(0, {"role": "system", "content": record["system"]})
+    assert all(m["role"] in ROLES for m in prompt)
+    ref = None
+    if "ref_chosen_logp" in record or "ref_rejected_logp" in record:
+        try:
+            ref = (float(record["ref_chosen_logp"]), float(record["ref_rejected_logp"]))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where}: stored reference log-probs need both 'ref_chosen_logp' and "
+                            "'ref_rejected_logp' as numbers.") from None
+    key = str(record["id"]) if "id" in record else json.dumps([prompt, record["chosen"], record["rejected"]],
+                                                              sort_keys=True)
+    return PreferencePair(where, tuple(prompt), record["chosen"], record["rejected"],
+                          split_of(f"pref:{key}", fractions), ref)
+
+
+def preference_pairs(data_cfg: Any, split: str) -> list[PreferencePair]:
+    """The pairs of one split ("train", "eval"/"validation", "test") a DataConfig names;
+    `data.max_examples` caps the training split with a fixed sample.
+
+    >>> len(preference_pairs(DataConfig(source="wordnet_antonym_prefs"), "test"))   # doctest: +SKIP
+    """
+    if split not in _SPLIT:
+        raise DataError(f"unknown split {split!r}; use train, eval/validation or test.")
+    name, src = _SPLIT[split], data_cfg.source
+    if src == "wordnet_antonym_prefs":
+        pairs = wordnet_antonym_pairs()
+    elif src == "wordnet_definition_prefs":
+        pairs = wordnet_definition_pairs()
+    elif src in ("jsonl", "parquet"):
+        pairs = file_pairs(data_cfg.paths, data_cfg.eval_fraction)
+    else:
+        raise DataError(f"data.format=preference needs pairs: use data.source jsonl or parquet (records with "
+                        f"'prompt', 'chosen', 'rejected'), or one of {', '.join(PREFERENCE_SOURCES)}; got {src!r}.")
+    pairs = [p for p in pairs if p.split == name]
+    if name == "train" and data_cfg.max_examples:
+        pairs = sorted(pairs, key=lambda p: stable_fraction(p.id))[:data_cfg.max_examples]
+    if not pairs:
+        raise DataError(f"data.source={src}: the {name} split holds no preference pairs. Add data, or raise "
+                        "data.eval_fraction.")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and batching
+
+
+def encode_pair(tok: Any, pair: PreferencePair, seq_len: int) -> tuple[dict | None, str]:
+    """One pair -> ({feature: [2, seq_len]} plus `ref_logps` [2], status "ok" | "too_long" |
+    "no_target"). Both rows are padded to `seq_len`; neither is ever truncated.
+
+    >>> row, status = encode_pair(tok, PreferencePair("x", ({"role": "user", "content": "Hi"},), "Hello", "Bye"), 32)  # doctest: +SKIP
+    """
+    rows = []
+    for reply in (pair.chosen, pair.rejected):
+        row, status = encode_example(tok, list(pair.prompt) + [{"role": "assistant", "content": reply}], seq_len,
+                                     truncation="drop")
+        if row is None:
+            return None, status
+        rows.append(row)
+    out = {k: np.zeros((2, seq_len), dt) for k, dt in PAIR_FEATURES.items()}
+    for i, row in enumerate(rows):
+        n = len(row["inputs"])
+        for k in ("inputs", "targets", "loss_mask"):
+            out[k][i, :n] = row[k]
+        out["segment_ids"][i, :n] = 1
+        out["positions"][i, :n] = np.arange(n)
+    out["ref_logps"] = np.asarray(pair.ref_logps or (0.0, 0.0), np.float32)
+    return out, "ok"
+
+
+def encode_pairs(tok: Any, pairs: Sequence[PreferencePair], seq_len: int) -> tuple[list[dict], PrefStats]:
+    """Encode many pairs; the kept rows and the counts.
+
+    >>> rows, stats = encode_pairs(tok, pairs, 64)       # doctest: +SKIP
+    """
+    rows, stats = [], PrefStats()
+    for p in pairs:
+        stats.pairs += 1
+        row, status = encode_pair(tok, p, seq_len)
+        if row is None:
+            stats.dropped_too_long += status == "too_long"
+            stats.dropped_no_target += status == "no_target"
+            continue
+        stats.kept += 1
+        stats.response_tokens += int(row["loss_mask"].sum())
+        rows.append(row)
+    return rows, stats
+
+
+def encode_split(data_cfg: Any, tokenizer: Any, split: str) -> tuple[list[dict], PrefStats]:
+    """The encoded pair rows of one split, and the counts (the training split must keep one)."""
+    rows, stats = encode_pairs(tokenizer, preference_pairs(data_cfg, split), data_cfg.seq_len)
+    if split == "train" and not rows:
+        raise DataError(f"no preference pair fits data.seq_len={data_cfg.seq_len} whole ({stats.summary()}); "
+                        "raise data.seq_len.")
+    return rows, stats
+
+
+class _WithPairMask(grain.transforms.Map):
+    def map(self, row: dict) -> dict:
+        return {**row, "pair_mask": np.float32(1.0)}
+
+
+def train_iterator(data_cfg: Any, rows: Sequence[dict], *, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of one shard's batches of pairs (shard `s` of `n`
+    reads pairs `s::n`, yields `batch_size / n` pairs, reshuffled every epoch).
+
+    >>> it = train_iterator(cfg.data, rows)          # doctest: +SKIP
+    """
+    per_shard = per_shard_batch(data_cfg.batch_size, shard_index, shard_count)
+    ds = grain.MapDataset.source(list(rows))[shard_index::shard_count]
+    if len(ds) == 0:
+        raise DataError(f"data shard {shard_index} of {shard_count} gets no preference pairs (only {len(rows)} kept).")
+    if data_cfg.shuffle:
+        ds = ds.shuffle(seed=data_cfg.seed)
+    ds = ds.repeat(None).map(_WithPairMask()).to_iter_dataset()
+    return iter(ds.batch(per_shard, drop_remainder=True))
+
+
+def eval_batches(data_cfg: Any, rows: Sequence[dict], *, max_batches: int | None, shards: range = range(1),
+                 shard_count: int = 1) -> list[dict]:
+    """This host's share (the shards it owns) of each held-out global batch of pairs, in order;
+    the last batch is filled with padding pairs (`pair_mask` 0).
+
+    >>> bs = eval_batches(cfg.data, rows, max_batches=4)       # doctest: +SKIP
+    """
+    b = data_cfg.batch_size
+    per_shard = per_shard_batch(b, 0, shard_count)
+    n = len(rows) if max_batches is None else min(len(rows), max_batches * b)
+    pad = {**{k: np.zeros((2, data_cfg.seq_len), dt) for k, dt in PAIR_FEATURES.items()},
+           "ref_logps": np.zeros(2, np.float32)}
+    out = []
+    for lo in range(0, n, b):
+        mine = []
+        for s in shards:  # global batch rows lo + s*per_shard ... as `eval_share` orders them
+            start = lo + s * per_shard
+            part = [dict(r, pair_mask=np.float32(1.0)) for r in rows[start:min(start + per_shard, lo + b, n)]]
+            mine += part + [dict(pad, pair_mask=np.float32(0.0))] * (per_shard - len(part))
+        out.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
+    return out
+
