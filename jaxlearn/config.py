@@ -294,8 +294,8 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
 
     def __post_init__(self):
-        _positive("train", self, "steps", "log_every", "keep_checkpoints")
-        for n in ("eval_every", "eval_batches", "save_every"):
+        _positive("train", self, "steps", "log_every", "keep_checkpoints", "eval_batches")
+        for n in ("eval_every", "save_every"):
             _check(f"train.{n}", getattr(self, n), getattr(self, n) >= 0, "use 0 or a positive number")
         _check("train.sample_tokens", self.sample_tokens, self.sample_tokens > 0 or not self.sample_prompts,
                "use a positive number of tokens, or train.sample_prompts=[] for no samples")

@@ -1,5 +1,8 @@
 """Small shared builders for tests (tiny models and synthetic packed batches)."""
 
+import functools
+
+import jax
 import numpy as np
 
 from jaxlearn.config import ModelConfig
@@ -25,3 +28,10 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0, n_docs: int = 
         "positions": np.tile(pos, (batch, 1)).astype(np.int32),
         "loss_mask": np.tile(seg > 0, (batch, 1)).astype(np.float32),
     }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits_of(model, params, tokens, positions, segment_ids):
+    """`model.apply(...)`'s logits under jit. Eager Flax runs op by op (slow on 2 cores); this one
+    jitted function is shared by the tests, so an equal model at the same shapes compiles once."""
+    return model.apply({"params": params}, tokens, positions, segment_ids)[0]

@@ -348,23 +348,30 @@ def _collect(proc: subprocess.Popen, timeout: float, limit: int) -> tuple[bytear
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
+    drain_until = None  # set when the program has exited: read what is left, briefly
     timed_out = truncated = False
     while True:
         now = time.monotonic()
-        if now >= deadline:
+        if proc.poll() is not None:
+            # A child that escaped may still hold the pipes open: do not wait for it.
+            drain_until = drain_until or now + 0.5
+            if not sel.get_map() or now >= drain_until:
+                break
+        elif now >= deadline:
             if timed_out:
                 break  # the grace period after the kill is over
             timed_out = True
             _kill_all(proc.pid)
             deadline = now + 2.0
             continue
-        if not sel.get_map():  # both pipes closed: wait for the exit itself
+        elif not sel.get_map():  # both pipes closed: wait for the exit itself
             try:
                 proc.wait(timeout=deadline - now)
-                break
             except subprocess.TimeoutExpired:
-                continue
-        for key, _ in sel.select(deadline - now):
+                pass
+            continue
+        wait = min((drain_until or deadline) - now, 0.1)  # wake now and then to see whether it exited
+        for key, _ in sel.select(max(wait, 0.0)):
             try:
                 chunk = os.read(key.fd, 1 << 16)
             except BlockingIOError:

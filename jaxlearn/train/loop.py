@@ -128,7 +128,7 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> TrainResult:
             run.log.write(done, "eval", **ev)
             say(f"step {done}: {_eval_line(ev)}")
             t_window = time.perf_counter()  # evaluation time is not training time
-        if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
+        if is_save:
             run.ckpt.save(done, state, run.feed.train, metrics={f"eval_{k}": v for k, v in (ev or {}).items()},
                           force=done == tc.steps)
     if bar is not None:

@@ -127,8 +127,11 @@ def test_make_source_dispatch(tmp_path, kind):
         path = write_arrayrecord(tmp_path / "a.array_record", docs)
     cfg = DataConfig(source=kind, paths=(str(path),), text_field="content", eval_fraction=0.2)
     parts = [sources.make_source(cfg, s) for s in ("train", "eval")]
-    assert sorted(p[i] for p in parts for i in range(len(p))) == sorted(docs)
-    assert len(parts[1]) >= 1
+    held = sources.held_out_mask(len(docs), 0.2)
+    assert 0 < held.sum() < len(docs)
+    # each split holds exactly its documents, in file order: the held-out ones by their stable hash
+    assert [parts[1][i] for i in range(len(parts[1]))] == [d for d, h in zip(docs, held) if h]
+    assert [parts[0][i] for i in range(len(parts[0]))] == [d for d, h in zip(docs, held) if not h]
 
 
 def test_held_out_mask_is_stable():

@@ -16,7 +16,7 @@ from jaxlearn.config import ConfigError, DataConfig
 from jaxlearn.data import pipeline, sft
 from jaxlearn.data.batching import TOKEN_FEATURES
 from jaxlearn.data.errors import DataError
-from jaxlearn.data.feed import FORMATS, Feed, HostFeed, make_feed, make_train_feed
+from jaxlearn.data.feed import FORMATS, Feed, HostFeed, make_feed, make_train_feed, owned_shards
 from sft_helpers import CharChatTokenizer
 
 CHAT_TOK = CharChatTokenizer()
@@ -159,3 +159,31 @@ def test_bad_layouts_and_counts_name_the_fix(chat_cfg):
         make_feed(chat_cfg, CHAT_TOK, max_eval_batches=0, process_index=0, process_count=1)
     with pytest.raises(ConfigError, match="process_index 2"):
         make_feed(chat_cfg, CHAT_TOK, process_index=2, process_count=2)
+
+
+def test_host_feed_concatenates_owned_shards_and_checks_divisibility():
+    assert list(owned_shards(4, 1, 2)) == [2, 3] and list(owned_shards(0, 1, 2)) == [1]
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        owned_shards(3, 0, 2)
+
+    class Counter:
+        def __init__(self, s):
+            self.s, self.i = s, 0
+
+        def __next__(self):
+            self.i += 1
+            return {"x": np.full((2, 1), 10 * self.s + self.i)}
+
+        def get_state(self):
+            return {"i": self.i}
+
+        def set_state(self, st):
+            self.i = st["i"]
+
+    feed = HostFeed(lambda s, n: Counter(s), shards=4, process_index=1, process_count=2)
+    assert next(feed)["x"].ravel().tolist() == [21, 21, 31, 31]
+    states = feed.shard_states()
+    assert states == {2: {"i": 1}, 3: {"i": 1}}
+    again = HostFeed(lambda s, n: Counter(s), shards=4, process_index=1, process_count=2)
+    again.set_shard_states(states)
+    assert next(again)["x"].ravel().tolist() == [22, 22, 32, 32]

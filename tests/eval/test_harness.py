@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_model_config
+from helpers import logits_of, tiny_model_config
 from jaxlearn.config import PeftConfig
 from jaxlearn.data.chat import encode_prompt
 from jaxlearn.eval.models import EvalModel, generate_replies, reference_nll
@@ -33,8 +33,7 @@ def test_reference_nll_matches_a_direct_computation(em):
     for c, (nll, n) in zip(CONVS, got):
         ids = np.array(encode_prompt(TOK, c[:1]) + TOK.encode(c[1]["content"] + "<|im_end|>", allow_special=True))
         t = len(ids)
-        logits, _ = em.model.apply({"params": em.params}, jnp.asarray(ids[None]), jnp.arange(t)[None],
-                                   jnp.ones((1, t), jnp.int32))
+        logits = logits_of(em.model, em.params, jnp.asarray(ids[None]), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32))
         logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
         start = len(encode_prompt(TOK, c[:1]))  # first answer token
         want = -sum(logp[i - 1, ids[i]] for i in range(start, t))
@@ -52,8 +51,7 @@ def test_generation_is_greedy_and_batch_invariant(em):
     out = []
     for _ in range(5):
         t = len(ids)
-        logits, _ = em.model.apply({"params": em.params}, jnp.asarray([ids]), jnp.arange(t)[None],
-                                   jnp.ones((1, t), jnp.int32))
+        logits = logits_of(em.model, em.params, jnp.asarray([ids]), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32))
         nxt = int(jnp.argmax(logits[0, -1]))
         if nxt in (1, 2):
             break
@@ -70,7 +68,7 @@ def test_adapters_disabled_gives_the_base_model(em):
     adapted = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.5 if "lora_b" in jax.tree_util.keystr(p) else x, adapted)
     tokens = jnp.arange(1, 9)[None]
-    run = lambda p: model.apply({"params": p}, tokens, jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32))[0]  # noqa: E731
+    run = lambda p: logits_of(model, p, tokens, jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32))  # noqa: E731
     assert not np.allclose(run(adapted), run(base))
     np.testing.assert_array_equal(run(without_adapters(adapted)), run(base))
 

@@ -20,7 +20,7 @@ from jaxlearn.peft.merge import adapter_leaves
 from jaxlearn.peft.multi import select_adapters, stack_adapters
 from jaxlearn.peft.quantize import base_bytes
 
-from helpers import random_batch, tiny_model_config
+from helpers import logits_of, random_batch, tiny_model_config
 
 # one layer, d_model 64: the interpret-mode kernels run every projection, so keep it small
 CFG = tiny_model_config(n_layers=1, init_std=0.2)
@@ -28,7 +28,7 @@ CFG = tiny_model_config(n_layers=1, init_std=0.2)
 
 def _apply(cfg, params, args):
     """Logits of the model under jit (eager Flax apply runs op by op: slow)."""
-    return jax.jit(lambda p, *a: Transformer(cfg).apply({"params": p}, *a)[0])(params, *args)
+    return logits_of(Transformer(cfg), params, *args)
 
 
 def _with_adapters(cfg, pc, seed=0):

@@ -20,6 +20,12 @@ from jaxlearn.kernels.quant import quantize
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+@pytest.fixture(autouse=True)
+def _own_compiles(fresh_compile):  # the checks read the compiled HLO
+    with fresh_compile():
+        yield
+
+
 def _tpu_sharding(topology):
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")

@@ -4,6 +4,7 @@ the adapter (frozen rate leaf)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxlearn.config import ConfigError, PeftConfig, load_config
@@ -86,20 +87,30 @@ def test_model_dropout_leaf_is_frozen_identity_at_attach_and_deterministic_in_ev
     finally:
         layers.adapted_linear = real
     datas = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in ks}
-    assert len(ks) > 2 and len(datas) == len(ks)  # one distinct key per adapted projection
+    assert len(ks) == 7 * 2 and len(datas) == len(ks)  # one distinct key per adapted projection (7 a layer)
 
 
 def test_train_step_uses_dropout_and_rate_is_frozen():
-    _, _, setup, step = _setup(PeftConfig(type="lora", rank=4, dropout=0.5))
+    cfg, model, setup, step = _setup(PeftConfig(type="lora", rank=4, dropout=0.5))
     assert not any(p.endswith("lora_dropout") for p in flat_paths(setup.state.trainable))
     assert any(p.endswith("lora_dropout") for p in flat_paths(setup.state.frozen))
     frozen_before = jax.tree.map(np.asarray, setup.state.frozen)
     state = setup.state
     batch = random_batch(4, 16, 128, n_docs=2)
+    # The gradient without dropout (B = 0: only B has one, through LoRA's undropped input x A).
+    objective = make_objective(model, cfg.objective)
+
+    def mean_loss(trainable):
+        total, weight, _ = objective(merge_params(trainable, state.frozen), batch, None)
+        return total / weight
+
+    undropped = float(optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.trainable)))
     losses = []
-    for _ in range(3):
+    for i in range(3):
         state, m = step(state, batch, {})
         losses.append(float(m["loss"]))
+        if i == 0:  # the step's gradient went through dropout masks (x A of the kept half, doubled)
+            assert abs(float(m["grad_norm"]) - undropped) > 0.02 * undropped, (float(m["grad_norm"]), undropped)
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, state.frozen))
     assert np.all(np.isfinite(losses))
     full = merge_params(state.trainable, state.frozen)

@@ -149,13 +149,13 @@ def test_model_loss_and_adapter_gradients_match_the_unmerged_path(monkeypatch):
     np.testing.assert_allclose(_forward(model, params, batch), _forward(model, base, batch), rtol=1e-5, atol=1e-5)
     params = _perturb(params)
 
-    def loss(p):
-        logits = _forward(model, p, batch)
+    def loss(p):  # not the shared jitted `_forward`: each jit below must trace the model afresh
+        logits = model.apply({"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"])[0]
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0])
 
-    aug_loss, aug_grad = jax.value_and_grad(loss)(params)
+    aug_loss, aug_grad = jax.jit(jax.value_and_grad(loss))(params)
     monkeypatch.setattr(layers, "augmented_wins", lambda *a: False)
-    ref_loss, ref_grad = jax.value_and_grad(loss)(params)
+    ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(aug_loss, ref_loss, rtol=1e-6)
     got, want = flat_paths(aug_grad), flat_paths(ref_grad)
     lora = [k for k in got if "lora_a" in k or "lora_b" in k]

@@ -12,7 +12,7 @@ from jaxlearn.peft.filter import flat_paths, unflatten_paths
 from jaxlearn.peft.merge import adapter_leaves
 from jaxlearn.peft.multi import select_adapters, stack_adapters
 
-from helpers import random_batch, tiny_model_config
+from helpers import logits_of, random_batch, tiny_model_config
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -34,10 +34,10 @@ def test_multi_adapter_batch_equals_per_example_loop(scan):
     ids = jnp.asarray([2, 0, 1, 2])
     batch = random_batch(4, 12, 128, seed=3, n_docs=2)
     mixed = select_adapters(base, bank, ids)
-    out = model.apply({"params": mixed}, batch["inputs"], batch["positions"], batch["segment_ids"])[0]
+    out = logits_of(model, mixed, batch["inputs"], batch["positions"], batch["segment_ids"])
     for b, i in enumerate(ids.tolist()):
-        ref = model.apply({"params": adapters[i]}, batch["inputs"][b:b + 1], batch["positions"][b:b + 1],
-                          batch["segment_ids"][b:b + 1])[0]
+        ref = logits_of(model, adapters[i], batch["inputs"][b:b + 1], batch["positions"][b:b + 1],
+                        batch["segment_ids"][b:b + 1])
         np.testing.assert_allclose(out[b], ref[0], atol=2e-5)
 
 

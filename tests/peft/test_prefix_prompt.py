@@ -13,7 +13,7 @@ from jaxlearn.models.transformer import Transformer, init_cache, init_params
 from jaxlearn.peft.attach import attach, finalize_prefix
 from jaxlearn.peft.filter import flat_paths
 
-from helpers import tiny_model_config
+from helpers import logits_of, tiny_model_config
 
 
 def _model(scan=True):
@@ -26,7 +26,7 @@ def _logits(model, params, tokens, pos=None, seg=None):
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if pos is None else pos
     seg = jnp.ones((b, t), jnp.int32) if seg is None else seg
-    return model.apply({"params": params}, tokens, pos, seg)[0]
+    return logits_of(model, params, tokens, pos, seg)
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -1,4 +1,5 @@
-"""Fast checks of the pod layer: model sizes, TPU topologies, multi-slice meshes, abstract state."""
+"""Fast checks of the pod layer: model sizes, TPU topologies, multi-slice meshes, abstract state.
+(The host feed of multi-host runs is tested in tests/data/test_feed.py.)"""
 
 from pathlib import Path
 
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_model_config
-from jaxlearn.config import Config, ConfigError, MeshConfig, load_config
-from jaxlearn.data.feed import HostFeed, owned_shards
+from jaxlearn.config import Config, MeshConfig, load_config
 from jaxlearn.models.sizes import SIZES, model_config
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.pod.topologies import TopologyError, chip_count, parse_topology, slice_name, topology_devices
@@ -64,31 +64,3 @@ def test_abstract_state_matches_the_real_one():
     for r, a in zip(jax.tree.leaves(real), jax.tree.leaves(abstract), strict=True):
         assert isinstance(r, jax.Array) and isinstance(a, jax.ShapeDtypeStruct)
         assert (r.shape, r.dtype, r.sharding) == (a.shape, a.dtype, a.sharding)
-
-
-def test_host_feed_concatenates_owned_shards_and_checks_divisibility():
-    assert list(owned_shards(4, 1, 2)) == [2, 3] and list(owned_shards(0, 1, 2)) == [1]
-    with pytest.raises(ConfigError, match="multiple of 2"):
-        owned_shards(3, 0, 2)
-
-    class Counter:
-        def __init__(self, s):
-            self.s, self.i = s, 0
-
-        def __next__(self):
-            self.i += 1
-            return {"x": np.full((2, 1), 10 * self.s + self.i)}
-
-        def get_state(self):
-            return {"i": self.i}
-
-        def set_state(self, st):
-            self.i = st["i"]
-
-    feed = HostFeed(lambda s, n: Counter(s), shards=4, process_index=1, process_count=2)
-    assert next(feed)["x"].ravel().tolist() == [21, 21, 31, 31]
-    states = feed.shard_states()
-    assert states == {2: {"i": 1}, 3: {"i": 1}}
-    again = HostFeed(lambda s, n: Counter(s), shards=4, process_index=1, process_count=2)
-    again.set_shard_states(states)
-    assert next(again)["x"].ravel().tolist() == [22, 22, 32, 32]

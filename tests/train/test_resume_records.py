@@ -69,6 +69,7 @@ def test_a_failed_restore_rewrites_nothing(finished, shakespeare_tokenizer, tmp_
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # a full 6-step run (~15 s on 2 busy cores)
 def test_kill_before_the_first_checkpoint_restarts_from_zero_without_duplicates(finished, shakespeare_tokenizer,
                                                                                  tmp_path, capsys):
     run_dir = tmp_path / "early"
@@ -85,6 +86,7 @@ def test_kill_before_the_first_checkpoint_restarts_from_zero_without_duplicates(
     assert _train_records(run_dir) == _train_records(finished)
 
 
+@pytest.mark.slow
 def test_raising_train_steps_continues_a_finished_run(finished, shakespeare_tokenizer, tmp_path, capsys):
     run_dir = tmp_path / "longer"
     shutil.copytree(finished, run_dir)

@@ -20,7 +20,7 @@ from cli_runner import REPO, TINY, cli_args, cli_env, run_cli
 RECIPE = REPO / "configs" / "pretrain_shakespeare.yaml"
 KILLS = 20
 STEPS = 300
-COMMON = [*TINY, f"train.steps={STEPS}", "train.log_every=1", "train.save_every=7", "train.eval_every=0",
+COMMON = [*TINY, f"train.steps={STEPS}", "train.log_every=1", "train.save_every=3", "train.eval_every=0",
           "train.sample_prompts=[]", "train.keep_checkpoints=2"]
 
 
@@ -49,19 +49,23 @@ def test_twenty_random_kills_then_resume_is_bit_identical(tmp_path, shakespeare_
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-3000:]
     training = time.monotonic() - t0 - startup
-    # Kill anywhere from start-up to a few percent into training: 20 runs then do not finish it.
-    window = startup + 0.04 * training
+    # Kill anywhere from late start-up (restore, compile) to a few percent into training (steps,
+    # asynchronous saves every 3 steps): 20 runs then do not finish it.
+    window = (0.5 * startup, startup + 0.08 * training)
 
     killed_dir = tmp_path / "killed"
     rng = random.Random(15)
-    kills, resumed_at = 0, []
+    kills, resumed_at, mid_training = 0, [], 0
     while kills < KILLS:
+        logged = len((killed_dir / "metrics.jsonl").read_text().splitlines()) if killed_dir.exists() else 0
         proc = subprocess.Popen(cli_args("train", RECIPE, *common, f"train.run_dir={killed_dir}", "--resume"),
                                 env=cli_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(rng.uniform(0.2, window))
+        time.sleep(rng.uniform(*window))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
+            metrics = killed_dir / "metrics.jsonl"
+            mid_training += metrics.exists() and len(metrics.read_text().splitlines()) > logged
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode in (0, -signal.SIGKILL), out[-3000:]
         resumed_at += [int(line.split("at step ")[1].split()[0]) for line in out.splitlines() if " at step " in line]
@@ -75,6 +79,6 @@ def test_twenty_random_kills_then_resume_is_bit_identical(tmp_path, shakespeare_
     assert _train_steps(killed_dir) == _train_steps(straight)  # the same losses, bit for bit
     for a, b in zip(_final_arrays(killed_dir), _final_arrays(straight), strict=True):
         np.testing.assert_array_equal(a, b)
-    print(f"\nsoak: {kills}/{KILLS} SIGKILLs, resumed at steps {resumed_at}; final parameters bit-identical, "
-          f"{len(steps)} metric steps, none twice")
+    print(f"\nsoak: {kills}/{KILLS} SIGKILLs ({mid_training} after training had started), resumed at steps "
+          f"{resumed_at}; final parameters bit-identical, {len(steps)} metric steps, none twice")
     assert kills == KILLS, f"the run finished after {kills} kills; make it longer"

@@ -68,7 +68,7 @@ def test_frozen_head_gets_no_head_gradient_work():
     dh = jax.grad(loss)(h, w)
     np.testing.assert_allclose(dh, jax.grad(lambda h: _reference(h, w, t, m, False, 0.0)[0])(h), rtol=1e-5, atol=1e-6)
     assert _head_sized_products(jax.grad(loss), h, w) == 0
-    assert _head_sized_products(jax.grad(loss, argnums=(0, 1)), h, w) >= 1
+    assert _head_sized_products(jax.grad(loss, argnums=(0, 1)), h, w) == 1  # dW, once (in the chunk loop's body)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -83,11 +83,12 @@ def test_objective_with_loss_chunk_equals_whole_logits(tie):
     def loss(obj):
         return lambda p: obj(p, batch, None)[0]
 
-    a, b = whole(params, batch, None), chunked(params, batch, None)
+    # under jit: eagerly, the model and its gradient run op by op (tens of seconds on 2 cores)
+    a, b = (jax.jit(lambda p, obj=obj: obj(p, batch, None))(params) for obj in (whole, chunked))
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1], b[1])
     np.testing.assert_allclose(a[2]["ce"], b[2]["ce"], rtol=1e-5)
-    ga, gb = jax.grad(loss(whole))(params), jax.grad(loss(chunked))(params)
+    ga, gb = jax.jit(jax.grad(loss(whole)))(params), jax.jit(jax.grad(loss(chunked)))(params)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 

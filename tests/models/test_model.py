@@ -11,14 +11,14 @@ from jaxlearn.models.layers import attend, attention_mask, rope
 from jaxlearn.models.transformer import Transformer, abstract_params, init_params
 from jaxlearn.peft.filter import flat_paths
 
-from helpers import tiny_model_config
+from helpers import logits_of, tiny_model_config
 
 
 def _apply(model, params, tokens, positions=None, seg=None):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
     seg = jnp.ones((b, t), jnp.int32) if seg is None else seg
-    return model.apply({"params": params}, tokens, positions, seg)[0]
+    return logits_of(model, params, tokens, positions, seg)
 
 
 def test_shapes_and_param_count():
@@ -79,7 +79,7 @@ def test_remat_gives_same_gradients(remat):
     p = init_params(base, jax.random.key(3))
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 8)), jnp.int32)
     loss = lambda m: lambda q: jnp.mean(_apply(m, q, tokens) ** 2)  # noqa: E731
-    g1, g2 = jax.grad(loss(base))(p), jax.grad(loss(rm))(p)
+    g1, g2 = jax.jit(jax.grad(loss(base)))(p), jax.jit(jax.grad(loss(rm)))(p)
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 

@@ -18,7 +18,7 @@ from jaxlearn.peft.filter import flat_paths, unflatten_paths
 from jaxlearn.peft.hf_peft import export_peft
 from jaxlearn.peft.merge import base_leaves
 
-from test_hf_import_export import TOL, _save_hf_model, hf_logits, logits
+from hf_helpers import TOL, _save_hf_model, hf_logits, logits
 
 
 @pytest.mark.parametrize("method,scan,rope", [("lora", True, "rotate_half"), ("lora", False, "interleaved"),

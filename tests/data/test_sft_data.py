@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_model_config
+from helpers import logits_of, tiny_model_config
 from jaxlearn.data.chat import encode_chat
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.sft import SFTStats, encode_example, encode_examples, sft_dataset, sft_eval_batches
@@ -115,8 +115,8 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny):
     assert sum(len(np.unique(r[r > 0])) for r in segs) == len(rows)
 
     def per_token(batch):
-        logits, _ = model.apply({"params": params}, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
-                                jnp.asarray(batch["segment_ids"]))
+        logits = logits_of(model, params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+                           jnp.asarray(batch["segment_ids"]))
         ce, _ = token_cross_entropy(logits, jnp.asarray(batch["targets"]))
         return np.asarray(ce) * batch["loss_mask"]
 
