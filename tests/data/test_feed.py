@@ -64,7 +64,7 @@ def answers(batch) -> list[str]:
 
 
 def test_the_formats_are_one_table():
-    assert set(FORMATS) == {"text", "chat"}
+    assert set(FORMATS) == {"text", "chat", "preference"}
     with pytest.raises(DataError, match="data.format='preference' has no feed"):
         make_feed(dataclasses.replace(DataConfig(), format="preference"), CHAT_TOK, process_index=0, process_count=1)
 
