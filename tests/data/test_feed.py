@@ -65,8 +65,8 @@ def answers(batch) -> list[str]:
 
 def test_the_formats_are_one_table():
     assert set(FORMATS) == {"text", "chat", "preference"}
-    with pytest.raises(DataError, match="data.format='preference' has no feed"):
-        make_feed(dataclasses.replace(DataConfig(), format="preference"), CHAT_TOK, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="data.format='rollouts' has no feed"):  # a format with no builder
+        make_feed(dataclasses.replace(DataConfig(), format="rollouts"), CHAT_TOK, process_index=0, process_count=1)
 
 
 def test_text_feed_gives_the_pretraining_batches(text_cfg, int_tokenizer):
