@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlearn.kernels.dispatch import resolve
-from jaxlearn.kernels.lora import Blocks, lora_matmul, lora_matmul_flops
+from jaxlearn.kernels.lora import lora_matmul, lora_matmul_flops
 from jaxlearn.kernels.multi_lora import multi_lora_loop, multi_lora_matmul
 from jaxlearn.kernels.quant import quantize
 

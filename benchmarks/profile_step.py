@@ -24,7 +24,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):

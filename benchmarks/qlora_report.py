@@ -82,7 +82,7 @@ def main() -> int:
         diff = jnp.abs(logits - ref_logits)
         top1 = jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)
         variant = EvalModel(f"smollm2+{fmt}", em.model, params, em.tokenizer, {"quantize": fmt})
-        tasks = run_tasks(variant, [f"perplexity:brown", "antonyms"], limit=args.limit,
+        tasks = run_tasks(variant, ["perplexity:brown", "antonyms"], limit=args.limit,
                           ppl_batches=args.ppl_batches, echo=lambda s: print(fmt, s, flush=True))
         rows.append({
             "quantize": fmt,

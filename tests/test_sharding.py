@@ -67,10 +67,11 @@ def test_preset_matches_single_device(preset, single_device):
     assert step._cache_size() == 1  # three calls, one compilation
 
 
-@pytest.mark.parametrize("preset", ["fsdp", "fsdp_tp"])
+@pytest.mark.parametrize("preset", [pytest.param("fsdp", marks=pytest.mark.slow), "fsdp_tp"])
 def test_chunked_loss_sharded_matches_single_device(preset, single_device):
     """objective.loss_chunk (LM head + loss fused in chunks of 48 tokens, a ragged last chunk)
-    on 8 devices, with the head sharded, gives the whole-logits single-device run."""
+    on 8 devices, with the head sharded, gives the whole-logits single-device run. (fsdp_tp
+    shards the head over both axes; fsdp alone, a sweep: `slow`.)"""
     losses, params, _, _ = _run(PRESETS[preset], 8, loss_chunk=48)
     np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
     for path, a in flat_paths(params).items():

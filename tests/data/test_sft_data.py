@@ -1,16 +1,14 @@
 """SFT data: loss masking, chat-template boundaries, truncation accounting, packing equivalence."""
 
 import json
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import logits_of, tiny_model_config
+from helpers import logits_of
 from jaxlearn.data.chat import encode_chat
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.sft import SFTStats, encode_example, encode_examples, sft_dataset, sft_eval_batches
-from jaxlearn.models.transformer import Transformer, init_params
 from jaxlearn.objectives.lm import LMConfig, LMObjective, token_cross_entropy
 from sft_helpers import CharChatTokenizer
 
@@ -31,12 +29,6 @@ def as_batch(row: dict, length: int) -> dict:
     b["segment_ids"][0, :n] = 1
     b["positions"][0, :n] = np.arange(n)
     return b
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = Transformer(tiny_model_config(max_seq_len=128))
-    return model, init_params(model, jax.random.key(0))
 
 
 def test_mask_covers_exactly_the_answer_and_end_of_turn():
@@ -64,8 +56,8 @@ def test_multi_turn_loss_on_assistant_turns_only():
     assert "<|im_start|>assistant\n" in unmasked and "Be brief." in unmasked and "Hello" not in unmasked
 
 
-def test_prompt_tokens_do_not_change_the_loss(tiny):
-    model, params = tiny
+def test_prompt_tokens_do_not_change_the_loss(tiny_model):
+    model, params = tiny_model
     objective = LMObjective(model, LMConfig())
     row, _ = encode_example(TOK, conv("Define 'cat'.", "a small feline"), 128)
     batch = as_batch(row, 64)
@@ -104,8 +96,8 @@ def test_truncation_is_counted_and_never_cuts_the_answer():
         encode_examples(TOK, [long_prompt], 64, truncation="middle")
 
 
-def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny):
-    model, params = tiny
+def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model):
+    model, params = tiny_model
     convs = [conv(f"q{i}" * (i % 4 + 1), "answer " * (i % 3 + 1)) for i in range(9)]
     rows, _ = encode_examples(TOK, convs, 96)
     batches = sft_eval_batches(rows, seq_len=96, batch_size=4)

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import logits_of, tiny_model_config
+from helpers import logits_of
 from jaxlearn.config import PeftConfig
 from jaxlearn.data.chat import encode_prompt
 from jaxlearn.eval.models import EvalModel, generate_replies, reference_nll
 from jaxlearn.peft.merge import without_adapters
 from jaxlearn.eval.tasks import TaskResult, compare_table, write_report
-from jaxlearn.models.transformer import Transformer, abstract_params, init_params
+from jaxlearn.models.transformer import abstract_params
 from jaxlearn.peft.attach import attach, find_sites
 from sft_helpers import CharChatTokenizer
 
@@ -23,9 +23,10 @@ CONVS = [[{"role": "user", "content": f"Define '{w}'."}, {"role": "assistant", "
 
 
 @pytest.fixture(scope="module")
-def em():
-    model = Transformer(tiny_model_config(max_seq_len=128))
-    return EvalModel("tiny", model, init_params(model, jax.random.key(1)), TOK, {"model": "tiny"})
+def em(tiny_model):
+    model, params = tiny_model
+    assert model.cfg.max_seq_len >= 128 and model.cfg.vocab_size == TOK.vocab_size
+    return EvalModel("tiny", model, params, TOK, {"model": "tiny"})
 
 
 def test_reference_nll_matches_a_direct_computation(em):

@@ -5,7 +5,6 @@ loads with identical logits, and the chat answer the model is known for."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from jaxlearn.config import MeshConfig, ModelConfig
 from jaxlearn.data.chat import encode_prompt
 from jaxlearn.models.generate import SamplingConfig, generate
 from jaxlearn.models.gguf import load_gguf
-from jaxlearn.models.hf import load_hf, params_to_hf, rope_permutation, save_hf
+from jaxlearn.models.hf import load_hf, params_to_hf, save_hf
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.sharding import make_mesh, rules_for
 
@@ -105,43 +104,11 @@ def test_logits_match_transformers(smollm2, hf_batch_logits, batch, forward):
     assert diff <= LOGIT_TOL
 
 
-@pytest.fixture(scope="module")
-def interleaved_unrolled(smollm2_file):
-    """The GGUF's own layout kept (interleaved RoPE), layers unrolled."""
-    imp = load_gguf(smollm2_file, ModelConfig(scan_layers=False), rope_style="interleaved")
-    assert "layers_29" in imp.params and imp.cfg.rope_style == "interleaved"
-    return imp
-
-
-def test_interleaved_and_unrolled_layouts_hold_the_same_weights(interleaved_unrolled, smollm2):
-    """Layer i of the unrolled import is slice i of the scanned one, bit for bit, except that the
-    q/k columns of each head are in the interleaved RoPE order; with interleaved RoPE that is
-    the same model (tests/models/test_model.py: interleaved RoPE on x == rotate-half RoPE on x
-    de-interleaved; tests/peft/test_hf_peft.py: interleaved + unrolled logits == transformers').
-    The logits of this 30-layer layout: the slow test below."""
-    imp = interleaved_unrolled
-    perm = rope_permutation(smollm2.cfg.resolved_head_dim, "rotate_half", "interleaved")
-    assert imp.cfg == dataclasses.replace(smollm2.cfg, scan_layers=False, rope_style="interleaved")
-    got, want = traverse_util.flatten_dict(imp.params), traverse_util.flatten_dict(smollm2.params)
-    assert {k for k in got if k[0] == "layers_7"} == {("layers_7", *k[1:]) for k in want if k[0] == "layers"}
-    for key, a in got.items():
-        if not key[0].startswith("layers_"):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(want[key]), err_msg=str(key))
-            continue
-        b = np.asarray(want[("layers", *key[1:])][int(key[0].split("_")[1])])
-        if key[1:] in (("attn", "q", "kernel"), ("attn", "k", "kernel")):
-            assert not np.array_equal(np.asarray(a), b)
-            b = b[..., perm]  # [embed, heads, head_dim]: each head's columns in interleaved order
-        np.testing.assert_array_equal(np.asarray(a), b, err_msg=str(key))
-    per_layer = sum(k[0] == "layers" for k in want)
-    assert len(got) == len(want) + (smollm2.cfg.n_layers - 1) * per_layer  # every layer, nothing else
-
-
-@pytest.mark.slow  # compiles the 30 unrolled layers; the weights are checked in the default suite above
-def test_interleaved_and_unrolled_layouts_give_the_same_logits(interleaved_unrolled, hf_batch_logits, batch, forward):
+def test_interleaved_and_unrolled_layouts_give_the_same_logits(smollm2_file, hf_batch_logits, batch, forward):
     """GGUF layout kept (interleaved RoPE) and layers unrolled: same model, same logits."""
     tokens, lengths = batch
-    imp = interleaved_unrolled
+    imp = load_gguf(smollm2_file, ModelConfig(scan_layers=False), rope_style="interleaved")
+    assert "layers_29" in imp.params and imp.cfg.rope_style == "interleaved"
     diff = max_diff(forward(imp.cfg, imp.params, tokens), hf_batch_logits, lengths)
     print(f"SmolLM2 interleaved RoPE, unrolled layers: max |logit diff| vs transformers = {diff:.2e}")
     assert diff <= LOGIT_TOL

@@ -80,15 +80,15 @@ def test_objective_with_loss_chunk_equals_whole_logits(tie):
     whole = LMObjective(model, LMConfig(z_loss=1e-3))
     chunked = LMObjective(model, LMConfig(z_loss=1e-3, loss_chunk=10))
 
-    def loss(obj):
-        return lambda p: obj(p, batch, None)[0]
+    def values_and_grads(obj):
+        # The plain call (evaluation: the chunked loss computes only its sums) and the gradient,
+        # in one compile: eagerly the model runs op by op (slow).
+        return jax.jit(lambda p: (obj(p, batch, None), jax.grad(lambda q: obj(q, batch, None)[0])(p)))(params)
 
-    # under jit: eagerly, the model and its gradient run op by op (tens of seconds on 2 cores)
-    a, b = (jax.jit(lambda p, obj=obj: obj(p, batch, None))(params) for obj in (whole, chunked))
+    (a, ga), (b, gb) = values_and_grads(whole), values_and_grads(chunked)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1], b[1])
     np.testing.assert_allclose(a[2]["ce"], b[2]["ce"], rtol=1e-5)
-    ga, gb = jax.jit(jax.grad(loss(whole)))(params), jax.jit(jax.grad(loss(chunked)))(params)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 

@@ -4,7 +4,6 @@ the adapter (frozen rate leaf)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxlearn.config import ConfigError, PeftConfig, load_config
@@ -69,48 +68,53 @@ def test_model_dropout_leaf_is_frozen_identity_at_attach_and_deterministic_in_ev
     assert train_a != train_b and eval_loss not in (train_a, train_b)
     assert train_a == float(objective(trained, batch, jax.random.key(0))[0])  # same rng, same masks
     # Every adapted projection draws its own mask: no two of them get the same dropout key
-    # (checked on the unscanned model, where the keys are concrete).
+    # (on the unscanned model, where each projection is a call of its own; the keys are returned
+    # from the jitted forward).
+    unscanned, _, p2, _, _ = _attached("lora", False, dropout=0.2)
     ks = []
 
     def spy(x, kernel, adapters, n_in=1, dropout_rng=None):
         if dropout_rng is not None:
-            ks.append(dropout_rng)
+            ks.append(jax.random.key_data(dropout_rng))
         return real(x, kernel, adapters, n_in)
+
+    def keys_used(p):
+        ks.clear()
+        unscanned.apply({"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                        rngs={"dropout": jax.random.key(0)})
+        return list(ks)
 
     import jaxlearn.models.layers as layers
     real = layers.adapted_linear
     layers.adapted_linear = spy
     try:
-        unscanned, _, p2, _, _ = _attached("lora", False, dropout=0.2)
-        unscanned.apply({"params": p2}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                        rngs={"dropout": jax.random.key(0)})
+        keys = jax.jit(keys_used)(p2)
     finally:
         layers.adapted_linear = real
-    datas = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in ks}
-    assert len(ks) == 7 * 2 and len(datas) == len(ks)  # one distinct key per adapted projection (7 a layer)
+    datas = {tuple(np.asarray(k).ravel()) for k in keys}
+    assert len(keys) == 7 * 2 and len(datas) == len(keys)  # one distinct key per adapted projection (7 a layer)
 
 
 def test_train_step_uses_dropout_and_rate_is_frozen():
-    cfg, model, setup, step = _setup(PeftConfig(type="lora", rank=4, dropout=0.5))
+    _, _, setup, step = _setup(PeftConfig(type="lora", rank=4, dropout=0.5))
     assert not any(p.endswith("lora_dropout") for p in flat_paths(setup.state.trainable))
     assert any(p.endswith("lora_dropout") for p in flat_paths(setup.state.frozen))
     frozen_before = jax.tree.map(np.asarray, setup.state.frozen)
     state = setup.state
     batch = random_batch(4, 16, 128, n_docs=2)
-    # The gradient without dropout (B = 0: only B has one, through LoRA's undropped input x A).
-    objective = make_objective(model, cfg.objective)
-
-    def mean_loss(trainable):
-        total, weight, _ = objective(merge_params(trainable, state.frozen), batch, None)
-        return total / weight
-
-    undropped = float(optax.tree.norm(jax.jit(jax.grad(mean_loss))(state.trainable)))
+    # A copy of the state with another rng: other dropout masks. At B = 0 the adapters add
+    # nothing, dropped or not, so the loss is the same; the gradient (B's, through LoRA's dropped
+    # input x A) is not.
+    twin = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state)
+    twin = twin.replace(rng=jax.device_put(twin.rng ^ np.uint32(1), state.rng.sharding))
+    _, other = step(twin, batch, {})
     losses = []
     for i in range(3):
         state, m = step(state, batch, {})
         losses.append(float(m["loss"]))
-        if i == 0:  # the step's gradient went through dropout masks (x A of the kept half, doubled)
-            assert abs(float(m["grad_norm"]) - undropped) > 0.02 * undropped, (float(m["grad_norm"]), undropped)
+        if i == 0:
+            assert float(m["loss"]) == float(other["loss"])
+            assert float(m["grad_norm"]) != pytest.approx(float(other["grad_norm"]), rel=1e-3)
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, state.frozen))
     assert np.all(np.isfinite(losses))
     full = merge_params(state.trainable, state.frozen)

@@ -47,8 +47,8 @@ def test_values_and_all_gradients_match_the_unmerged_form(x_shape, n_in, w_shape
     cot = jax.random.normal(jax.random.key(9), x_shape[:len(x_shape) - n_in] + w_shape[n_in:])
     loss = lambda f: lambda *ops: jnp.sum(jnp.tanh(f(*ops, n_in)) * cot)  # noqa: E731
     np.testing.assert_allclose(lora_linear(x, w, a, b, n_in), _unmerged(x, w, a, b, n_in), rtol=1e-5, atol=1e-5)
-    got = jax.grad(loss(lora_linear), argnums=(0, 1, 2, 3))(x, w, a, b)
-    want = jax.grad(loss(_unmerged), argnums=(0, 1, 2, 3))(x, w, a, b)
+    got = jax.jit(jax.grad(loss(lora_linear), argnums=(0, 1, 2, 3)))(x, w, a, b)
+    want = jax.jit(jax.grad(loss(_unmerged), argnums=(0, 1, 2, 3)))(x, w, a, b)
     for name, g, h in zip("xwab", got, want):
         assert g.shape == h.shape, name
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")

@@ -38,14 +38,19 @@ def test_soft_prompt_equals_explicit_prepending(scan):
     np.testing.assert_array_equal(soft[:3], base["embed"]["embedding"][jnp.asarray([3, 4, 5])])  # init from tokens
     tokens = jnp.asarray(np.random.RandomState(0).randint(1, 128, (2, 9)), jnp.int32)
     got = _logits(model, params, tokens)
-    # Reference: embeddings [soft prompt ; tokens] at positions [-5..-1 ; 0..8], one sequence.
-    emb = model.apply({"params": base}, tokens, method=lambda m, t: m.embed(t))
-    x = jnp.concatenate([jnp.broadcast_to(soft, (2, 5, cfg.d_model)), emb], axis=1)
-    pos = jnp.broadcast_to(jnp.arange(-5, 9), (2, 14))
-    seg = jnp.ones((2, 14), jnp.int32)
-    h, _ = model.apply({"params": base}, x, pos, seg, init_cache(cfg, 2, 14),
-                       method=lambda m, *a: m._layers_from_embeddings(*a))
-    ref = model.apply({"params": base}, h, method=lambda m, h: m.logits(m.final_norm(h)))[:, 5:]
+    # Reference: embeddings [soft prompt ; tokens] at positions [-5..-1 ; 0..8], one sequence
+    # (under jit: eagerly the model runs op by op, slow).
+    @jax.jit
+    def reference(base, soft, tokens):
+        emb = model.apply({"params": base}, tokens, method=lambda m, t: m.embed(t))
+        x = jnp.concatenate([jnp.broadcast_to(soft, (2, 5, cfg.d_model)), emb], axis=1)
+        pos = jnp.broadcast_to(jnp.arange(-5, 9), (2, 14))
+        seg = jnp.ones((2, 14), jnp.int32)
+        h, _ = model.apply({"params": base}, x, pos, seg, init_cache(cfg, 2, 14),
+                           method=lambda m, *a: m._layers_from_embeddings(*a))
+        return model.apply({"params": base}, h, method=lambda m, h: m.logits(m.final_norm(h)))[:, 5:]
+
+    ref = reference(base, soft, tokens)
     np.testing.assert_allclose(got, ref, atol=2e-5)
     assert not np.allclose(got, _logits(model, base, tokens), atol=1e-3)
 
