@@ -78,6 +78,11 @@ class ModelConfig:
     # Start from pretrained weights: a preset name (smollm2-135m-instruct), a .gguf file or a
     # Hugging Face safetensors directory; empty: random init. See jaxlearn/models/presets.py.
     init_from: str = ""
+    # With init_from: a shallower student from the checkpoint's layers (jaxlearn/models/student.py).
+    # all: the checkpoint's depth must equal n_layers; first: its layers 0..n_layers-1;
+    # every_k: every (checkpoint depth // n_layers)-th layer. Widths must equal the checkpoint's.
+    # Without init_from it has no effect (a random init).
+    init_layers: Literal["all", "first", "every_k"] = "all"
 
     def __post_init__(self):
         _positive("model", self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",

@@ -82,8 +82,10 @@ def init_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, r
     if not model_cfg.init_from:
         raise ConfigError("model.init_from is empty: nothing to import.")
     pre = load_pretrained(model_cfg.init_from, model_cfg, mesh=mesh, rules=rules)
+    # model.init_layers first|every_k: a shallower student from the checkpoint's layers (any depth)
+    select = model_cfg.init_layers != "all"
     bad = []
-    for field in _ARCH_FIELDS:
+    for field in (f for f in _ARCH_FIELDS if not (select and f == "n_layers")):
         want, have = getattr(pre.cfg, field), getattr(model_cfg, field)
         same = math.isclose(want, have, rel_tol=1e-6) if isinstance(want, float) else want == have
         if not same:
@@ -93,6 +95,11 @@ def init_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, r
     if bad:
         raise ConfigError(f"model.init_from={model_cfg.init_from!r} does not fit the recipe's model block; set "
                           + ", ".join(bad) + ".")
+    if select:
+        from jaxlearn.models.student import layer_ids, select_layers
+
+        ids = layer_ids(model_cfg.init_layers, pre.cfg.n_layers, model_cfg.n_layers)
+        return select_layers(pre.params, ids, scan_layers=model_cfg.scan_layers)
     return pre.params
 
 

@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "orpo": "jaxlearn.objectives.preference:ORPO",
     "kto": "jaxlearn.objectives.preference:KTO",
     "reward": "jaxlearn.objectives.reward:RewardModel",
+    "distill": "jaxlearn.objectives.distill:Distill",
 }
 
 
