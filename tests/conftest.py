@@ -243,12 +243,134 @@ SMOKE = (
 )
 
 
+# --------------------------------------------------------------------------------------------
+# Run only with `-m slow` (CI's second, bounded step), to keep the README's test command under
+# 8 minutes on 2 cores: sweeps of an invariant the default suite checks once (more methods,
+# meshes, dtypes, layer layouts), and end-to-end runs through subprocesses or SmolLM2. Key: the
+# test; value: the default-suite test that still checks the same invariant. Listed here, not
+# marked in each file, so the map from each moved test to its default cover is in one place and
+# checked: a cover must exist and must not be slow itself (`-m slow` is unaffected otherwise).
+_PEFT = "tests/peft/test_peft_invariants.py::"
+SLOW_WITH_DEFAULT_COVER = {
+    # PEFT: every method trains only its adapters / merges exactly; the default suite checks LoRA
+    # (and identity at attach for every method, test_identity_at_attach)
+    **{f"{_PEFT}test_training_moves_only_adapters[{m}]": f"{_PEFT}test_training_moves_only_adapters[lora]"
+       for m in ("dora", "adapter", "ia3", "prefix", "prompt")},
+    f"{_PEFT}test_merged_equals_unmerged[True-dora]": f"{_PEFT}test_merged_equals_unmerged[True-lora]",
+    f"{_PEFT}test_merged_equals_unmerged[False-dora]": f"{_PEFT}test_merged_equals_unmerged[False-lora]",
+    f"{_PEFT}test_adapters_inherit_base_sharding": "tests/test_sharding.py::test_partition_specs_golden",  # holds *+lora
+    f"{_PEFT}test_lora_removes_weight_gradient_flops": "tests/train/test_step.py::test_frozen_weights_get_no_gradient_computation",
+    "tests/peft/test_lora_linear.py::test_model_loss_and_adapter_gradients_match_the_unmerged_path":
+        f"{_PEFT}test_merged_equals_unmerged[True-lora]",
+    **{f"tests/peft/test_lora_linear.py::test_values_and_all_gradients_match_the_unmerged_form[{s}]":
+       "tests/peft/test_lora_linear.py::test_values_and_all_gradients_match_the_unmerged_form[x_shape0-1-w_shape0]"
+       for s in ("x_shape1-1-w_shape1", "x_shape2-2-w_shape2", "x_shape3-1-w_shape3")},
+    "tests/peft/test_lora_dropout.py::test_train_step_uses_dropout_and_rate_is_frozen":
+        "tests/peft/test_lora_dropout.py::test_dropout_only_with_rng_and_only_on_the_adapter_path",
+    "tests/peft/test_lora_dropout.py::test_model_dropout_leaf_is_frozen_identity_at_attach_and_deterministic_in_eval":
+        "tests/peft/test_lora_dropout.py::test_dropout_only_with_rng_and_only_on_the_adapter_path",
+    "tests/peft/test_prefix_prompt.py::test_soft_prompt_equals_explicit_prepending[True]":
+        "tests/peft/test_prefix_prompt.py::test_soft_prompt_equals_explicit_prepending[False]",
+    "tests/peft/test_prefix_prompt.py::test_packed_documents_each_see_the_prefix[prefix]":
+        "tests/peft/test_prefix_prompt.py::test_packed_documents_each_see_the_prefix[prompt]",
+    "tests/peft/test_hf_peft.py::test_exported_adapter_loads_in_peft[lora-False-interleaved]":
+        "tests/peft/test_hf_peft.py::test_exported_adapter_loads_in_peft[lora-True-rotate_half]",
+    "tests/peft/test_hf_peft.py::test_exported_adapter_loads_in_peft[dora-True-rotate_half]":
+        "tests/peft/test_hf_peft.py::test_exported_adapter_loads_in_peft[lora-True-rotate_half]",
+    # adapters saved, swapped and refused on a wrong base, in-process
+    "tests/peft/test_adapters_cli.py::test_lora_run_then_adapters_commands":
+        f"{_PEFT}test_adapter_save_load_swap_and_wrong_base",
+    "tests/peft/test_adapters_cli.py::test_prefix_run_saves_only_the_prefixes":
+        f"{_PEFT}test_adapter_save_load_swap_and_wrong_base",
+    # resume after SIGKILL: one device in the default suite; 8 devices and with extras here
+    "tests/test_resume.py::test_sigkill_then_resume_is_bit_identical[8dev]":
+        "tests/test_resume.py::test_sigkill_then_resume_is_bit_identical[1dev]",
+    "tests/test_resume.py::test_sigkill_then_resume_is_bit_identical[1dev-extras]":
+        "tests/test_resume.py::test_sigkill_then_resume_is_bit_identical[1dev]",
+    "tests/test_cli.py::test_keep_latest_and_best_checkpoints": "tests/test_cli.py::test_train_leaves_outputs",
+    # sharded == one device: each mesh preset's is a sweep of fsdp_tp (which uses every axis)
+    "tests/test_sharding.py::test_preset_matches_single_device[dp]": "tests/test_sharding.py::test_preset_matches_single_device[fsdp_tp]",
+    "tests/test_sharding.py::test_preset_matches_single_device[fsdp]": "tests/test_sharding.py::test_preset_matches_single_device[fsdp_tp]",
+    "tests/train/test_extras_step.py::test_sharded_step_with_extras_matches_single_device[fsdp_tp]":
+        "tests/train/test_extras_step.py::test_sharded_step_with_extras_matches_single_device[fsdp]",
+    "tests/objectives/test_preference_objectives.py::test_sharded_step_matches_single_device[dpo]":
+        "tests/train/test_extras_step.py::test_sharded_step_with_extras_matches_single_device[fsdp]",
+    "tests/objectives/test_distill.py::test_sharded_step_matches_single_device":
+        "tests/train/test_extras_step.py::test_sharded_step_with_extras_matches_single_device[fsdp]",
+    "tests/models/test_sampler.py::test_sharded_equals_unsharded_on_eight_devices":
+        "tests/models/test_generate.py::test_sharded_cache_generation_matches_single_device",
+    "tests/models/test_generate.py::test_single_prompt_on_eight_devices":
+        "tests/models/test_generate.py::test_sharded_cache_generation_matches_single_device",
+    # objectives and seams
+    "tests/objectives/test_preference_objectives.py::test_dpo_is_ln2_with_zero_margins_at_initialisation[full]":
+        "tests/objectives/test_preference_objectives.py::test_dpo_is_ln2_with_zero_margins_at_initialisation[lora]",
+    "tests/objectives/test_preference_objectives.py::test_reward_model_loss_is_ln2_for_equal_rewards_and_its_head_trains":
+        "tests/train/test_extras_step.py::test_heads_train_teacher_frozen_and_extras_not_donated",
+    "tests/train/test_reference_policy.py::test_peft_reference_is_the_base_with_adapters_off_at_no_extra_copy":
+        "tests/objectives/test_preference_objectives.py::test_peft_reference_ignores_the_adapter",
+    "tests/train/test_train_seams.py::test_frozen_extra_model_head_and_row_feature_train_through_jaxlearn_train":
+        "tests/train/test_extras_step.py::test_heads_train_teacher_frozen_and_extras_not_donated",
+    "tests/objectives/test_chunked_loss.py::test_objective_with_loss_chunk_equals_whole_logits[True]":
+        "tests/objectives/test_chunked_loss.py::test_objective_with_loss_chunk_equals_whole_logits[False]",
+    "tests/objectives/test_distill.py::test_chunked_equals_whole_with_a_deeper_teacher":
+        "tests/objectives/test_distill.py::test_zero_when_student_is_the_teacher[rkl-chunked]",
+    # models: layouts, KV cache, sampling
+    "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[False]":
+        "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[True]",
+    "tests/models/test_model.py::test_remat_gives_same_gradients[dots]": "tests/models/test_model.py::test_remat_gives_same_gradients[full]",
+    "tests/models/test_model.py::test_remat_gives_same_gradients[dots_no_batch]":
+        "tests/models/test_model.py::test_remat_gives_same_gradients[full]",
+    "tests/models/test_generate.py::test_kv_cache_unrolled_layers_and_stop_tokens":
+        "tests/models/test_generate.py::test_kv_cache_greedy_equals_full_recompute",
+    "tests/models/test_sampler.py::test_logprobs_equal_a_forward_pass_over_the_sample[t0.7_top_p]":
+        "tests/models/test_sampler.py::test_logprobs_equal_a_forward_pass_over_the_sample[t1]",
+    "tests/models/test_hf_import_export.py::test_import_of_export_is_bit_exact[float32-False-interleaved]":
+        "tests/models/test_hf_import_export.py::test_import_of_export_is_bit_exact[float32-True-rotate_half]",
+    "tests/models/test_hf_import_export.py::test_import_of_export_is_bit_exact[bfloat16-True-interleaved]":
+        "tests/models/test_hf_import_export.py::test_import_of_export_is_bit_exact[float32-True-rotate_half]",
+    # SmolLM2 (135M): the import's weights and logits against transformers stay in the default suite
+    **{f"tests/models/test_smollm2.py::{t}": f"tests/models/test_smollm2.py::{c}" for t, c in {
+        "test_interleaved_and_unrolled_layouts_give_the_same_logits": "test_logits_match_transformers",
+        "test_sharded_import_equals_single_device": "test_logits_match_transformers",
+        "test_greedy_generation_matches_transformers": "test_logits_match_transformers",
+        "test_export_loads_in_transformers_with_identical_logits": "test_logits_match_transformers",
+        "test_cli_generate_answers": "test_logits_match_transformers",
+        "test_cli_convert_gguf_to_hf": "test_dequantized_weights_equal_transformers",
+        "test_import_time_and_peak_memory": "test_dequantized_weights_equal_transformers",
+    }.items()},
+    "tests/data/test_bpe_tokenizer.py::test_matches_transformers_on_real_text":
+        "tests/data/test_bpe_tokenizer.py::test_matches_a_pure_python_reference",
+    # kernels and TPU compiles
+    "tests/kernels/test_seam.py::test_quantized_base_at_attach[int8]": "tests/kernels/test_seam.py::test_quantized_base_at_attach[nf4]",
+    "tests/kernels/test_qlora_training.py::test_qlora_trains_adapters_over_a_frozen_quantized_base[nf4]":
+        "tests/kernels/test_seam.py::test_quantized_base_at_attach[nf4]",
+    "tests/pod/test_compile.py::test_dpo_reference_model_is_counted_per_chip":
+        "tests/pod/test_compile.py::test_objective_extras_and_heads_are_counted_per_chip",
+    "tests/pod/test_compile.py::test_two_slices_put_the_data_axis_over_dcn":
+        "tests/pod/test_pod_units.py::test_multislice_mesh_puts_slices_on_the_data_axis",
+}
+
+
+def _is_slow(item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     ids = {item.nodeid: item for item in items}
     for nodeid in SMOKE:
         if nodeid in ids:
             ids[nodeid].add_marker(pytest.mark.smoke)
+    for nodeid in SLOW_WITH_DEFAULT_COVER:
+        if nodeid in ids:
+            ids[nodeid].add_marker(pytest.mark.slow)
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS  # the whole suite was collected
     missing = [n for n in SMOKE if n not in ids]
-    if missing and "smoke" in config.option.markexpr and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+    if missing and "smoke" in config.option.markexpr and whole:
         raise pytest.UsageError("tests/conftest.py SMOKE names tests that do not exist: " + ", ".join(missing))
+    if whole:
+        bad = [f"{t} (cover {c})" for t, c in SLOW_WITH_DEFAULT_COVER.items()
+               if t not in ids or c not in ids or _is_slow(ids[c])]
+        if bad:
+            raise pytest.UsageError("tests/conftest.py SLOW_WITH_DEFAULT_COVER: a test or its default-suite cover "
+                                    "does not exist, or the cover is slow: " + "; ".join(bad))

@@ -1,11 +1,15 @@
 """What a user sees: a short run leaves plot, metrics, checkpoint and samples behind; bad input
-gets one clear paragraph, exit status 2 and no half-written run directory."""
+gets one clear paragraph, exit status 2 and no half-written run directory.
+
+Bad-input checks run `jaxlearn.cli.main` in this process (the same code path, minus a 4-second
+interpreter start each); `test_missing_recipe` keeps one through a real subprocess."""
 
 import json
 
 import pytest
 
 from cli_runner import REPO, TINY, run_cli
+from jaxlearn.cli import main
 
 RECIPE = REPO / "configs" / "pretrain_shakespeare.yaml"
 
@@ -63,56 +67,68 @@ def test_rerun_into_existing_run_dir_is_refused(trained_run):
     assert r.returncode == 2 and "already holds checkpoints" in r.stderr and "train.resume=true" in r.stderr
 
 
-def test_checkpoint_from_another_model_shape(trained_run, tokenizer):
+def test_checkpoint_from_another_model_shape(trained_run, tokenizer, capsys):
     run_dir, _ = trained_run
-    r = run_cli("train", RECIPE, *TINY, "model.d_model=96", f"data.tokenizer={tokenizer}",
-                f"train.run_dir={run_dir}", "train.steps=14", "--resume")
-    assert r.returncode == 2 and "different 'model' block" in r.stderr and "d_model" in r.stderr
+    capsys.readouterr()
+    code = main(["train", str(RECIPE), *TINY, "model.d_model=96", f"data.tokenizer={tokenizer}",
+                 f"train.run_dir={run_dir}", "train.steps=14", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different 'model' block" in err and "d_model" in err
     # Bypassing the saved config (eval with another shape) reaches the checkpoint's own check.
-    e = run_cli("eval", run_dir, "--set", "model.n_layers=3")
-    assert e.returncode == 2, e.stderr[-2000:]
-    assert "does not fit this run's model" in e.stderr and "layers/attn/q/kernel" in e.stderr
+    code = main(["eval", str(run_dir), "--set", "model.n_layers=3"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "does not fit this run's model" in err and "layers/attn/q/kernel" in err
 
 
-def _bad(tmp_path, *args):
+def _bad(tmp_path, *args, capsys=None):
+    """Train with bad input: exit status 2, no traceback, no run directory; the error text.
+    With `capsys`, in this process; without, in a subprocess as a user runs it."""
     run_dir = tmp_path / "run"
-    r = run_cli("train", *args, f"train.run_dir={run_dir}", "train.steps=2")
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
+    args = ["train", *map(str, args), f"train.run_dir={run_dir}", "train.steps=2"]
+    if capsys is None:
+        r = run_cli(*args)
+        code, err = r.returncode, r.stderr
+    else:
+        capsys.readouterr()
+        code = main(args)
+        err = capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err
     assert not run_dir.exists(), "a failed start must not leave a run directory behind"
-    return r.stderr
+    return err
 
 
 def test_missing_recipe(tmp_path):
     assert "does not exist" in _bad(tmp_path, tmp_path / "nope.yaml")
 
 
-def test_malformed_yaml(tmp_path):
+def test_malformed_yaml(tmp_path, capsys):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  d_model: 64\n   n_layers: 2\n")
-    err = _bad(tmp_path, p)
+    err = _bad(tmp_path, p, capsys=capsys)
     assert "bad.yaml is not valid YAML (line 3" in err
 
 
-def test_unknown_key_and_wrong_type(tmp_path):
-    assert "Did you mean 'optim.lr'" in _bad(tmp_path, RECIPE, "optim.lrr=0.1")
-    assert "train.log_every: expected an integer" in _bad(tmp_path, RECIPE, "train.log_every=many")
+def test_unknown_key_and_wrong_type(tmp_path, capsys):
+    assert "Did you mean 'optim.lr'" in _bad(tmp_path, RECIPE, "optim.lrr=0.1", capsys=capsys)
+    assert "train.log_every: expected an integer" in _bad(tmp_path, RECIPE, "train.log_every=many", capsys=capsys)
 
 
-def test_missing_data_file(tmp_path):
-    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/missing.txt]")
+def test_missing_data_file(tmp_path, capsys):
+    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/missing.txt]", capsys=capsys)
     assert "missing.txt" in err
 
 
-def test_empty_dataset(tmp_path):
+def test_empty_dataset(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/empty.txt]")
+    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/empty.txt]", capsys=capsys)
     assert "empty" in err.lower() and "empty.txt" in err
 
 
-def test_non_utf8_text(tmp_path):
+def test_non_utf8_text(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
-    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/latin1.txt]")
+    err = _bad(tmp_path, RECIPE, "data.source=text", f"data.paths=[{tmp_path}/latin1.txt]", capsys=capsys)
     assert "latin1.txt" in err and "UTF-8" in err
 
 
