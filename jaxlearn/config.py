@@ -125,7 +125,7 @@ class DataConfig:
 
     source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds",
                     "wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval",
-                    "wordnet_antonym_prefs", "wordnet_definition_prefs"] = "shakespeare"
+                    "wordnet_antonym_prefs", "wordnet_definition_prefs", "wordnet_antonym_prompts"] = "shakespeare"
     paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord; tfds data_dir
     text_field: str = "text"  # jsonl/parquet/tfds field holding the document text
     tfds_name: str = ""  # registered TFDS builder name (source: tfds)
@@ -146,7 +146,8 @@ class DataConfig:
     # always chat. Loss falls on assistant tokens only unless train_on_prompt.
     # `preference`: (prompt, chosen, rejected) records, one pair per row (jaxlearn/data/preference.py);
     # the wordnet_*_prefs sources are always preference pairs.
-    format: Literal["text", "chat", "preference"] = "text"
+    # `prompts`: prompts with an accept-set for RL, left-padded to seq_len (jaxlearn/data/prompts.py).
+    format: Literal["text", "chat", "preference", "prompts"] = "text"
     train_on_prompt: bool = False
     # Examples longer than seq_len + 1 tokens: `left` cuts prompt tokens from the left when the
     # whole response still fits (else the example is dropped); `drop` drops them. Both counted.
@@ -297,9 +298,21 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/inf never updates the weights (jaxlearn/train/guard.py).
     # skip: count it (metric `nonfinite`) and go on; stop: end the run with an error (exit 2).
     on_nonfinite: Literal["skip", "stop"] = "skip"
+    # Forgetting report (jaxlearn/eval/forgetting.py): general probes on the base (cached per base
+    # fingerprint) and on the trained model, into summary.json, forgetting.md and forgetting.png.
+    # auto: on when model.init_from is set (a fine-tuning run), off otherwise; true/false force it.
+    forgetting: bool | Literal["auto"] = "auto"
+    forgetting_probes: tuple[str, ...] = ("probes:facts", "probes:format")  # eval task names
+    forgetting_limit: int = 48  # items per probe (spread over its relations / checks)
+    forgetting_threshold: float = 2.0  # points (percent for perplexity) a probe may fall before a warning
+    forgetting_cache: str = ""  # where base results are cached; "" = <JAXLEARN_CACHE>/forgetting
 
     def __post_init__(self):
         _positive("train", self, "steps", "log_every", "keep_checkpoints", "eval_batches")
+        _check("train.forgetting_limit", self.forgetting_limit, self.forgetting_limit >= 0,
+               "use a number of items per probe, or 0 for all")
+        _check("train.forgetting_threshold", self.forgetting_threshold, self.forgetting_threshold >= 0,
+               "use a non-negative number of points, e.g. 2")
         for n in ("eval_every", "save_every"):
             _check(f"train.{n}", getattr(self, n), getattr(self, n) >= 0, "use 0 or a positive number")
         _check("train.sample_tokens", self.sample_tokens, self.sample_tokens > 0 or not self.sample_prompts,
@@ -363,7 +376,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}.")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value))) if args else tuple(value)
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
     if tp is Any:
         return value
     if tp is bool:

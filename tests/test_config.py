@@ -67,3 +67,14 @@ def test_unknown_key_in_file_names_file(tmp_path):
     p.write_text("train:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'train.stpes'. Did you mean 'train.steps'"):
         load_config(p)
+
+
+def test_fixed_length_tuples_are_typed_item_by_item():
+    # (student layer, teacher layer) pairs: tuple[tuple[int, int], ...]; each item is coerced by
+    # its own position's type, and a pair of the wrong length names its index.
+    cfg = load_config(None, ["objective.type=distill", "objective.feature_layers=[[0, 1], [1, 3]]"])
+    assert cfg.objective.feature_layers == ((0, 1), (1, 3))
+    with pytest.raises(ConfigError, match=r"objective.feature_layers\[0\]: expected 2 items, got 3"):
+        load_config(None, ["objective.type=distill", "objective.feature_layers=[[0, 1, 2]]"])
+    with pytest.raises(ConfigError, match=r"objective.feature_layers\[0\]\[1\]: expected an integer"):
+        load_config(None, ["objective.type=distill", "objective.feature_layers=[[0, x]]"])

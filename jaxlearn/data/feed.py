@@ -183,6 +183,22 @@ def _pref_held_out(data_cfg: Any, tokenizer: Any, hosts: Hosts,
                                    shard_count=hosts.shards), stats
 
 
+def _prompt_train(data_cfg: Any, tokenizer: Any, hosts: Hosts) -> tuple[HostFeed, Any]:
+    """Prompts for RL, one per row, left-padded; prompt shard `s` of `n` reads prompts `s::n`."""
+    from jaxlearn.data import prompts
+
+    rows, stats = prompts.encode_split(data_cfg, tokenizer, "train")
+    return hosts.train_feed(lambda s, n: prompts.train_iterator(data_cfg, rows, shard_index=s, shard_count=n)), stats
+
+
+def _prompt_held_out(data_cfg: Any, tokenizer: Any, hosts: Hosts, max_batches: int | None) -> tuple[list, Any]:
+    from jaxlearn.data import prompts
+
+    rows, stats = prompts.encode_split(data_cfg, tokenizer, "validation")
+    return prompts.eval_batches(data_cfg, rows, max_batches=max_batches, shards=hosts.owned,
+                                shard_count=hosts.shards), stats
+
+
 @dataclasses.dataclass(frozen=True)
 class FormatBuilder:
     """How one data format becomes a feed (see the functions above for the signatures)."""
@@ -198,6 +214,7 @@ FORMATS: Mapping[str, FormatBuilder] = types.MappingProxyType({
     "text": FormatBuilder(_text_train, _text_held_out),
     "chat": FormatBuilder(_chat_train, _chat_held_out, label="SFT"),
     "preference": FormatBuilder(_pref_train, _pref_held_out, label="Preference"),
+    "prompts": FormatBuilder(_prompt_train, _prompt_held_out, label="Prompt"),
 })
 
 

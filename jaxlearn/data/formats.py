@@ -16,6 +16,8 @@ from typing import Any
 CHAT_SOURCES = ("wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval")
 # Sources whose records are preference pairs (jaxlearn.data.preference).
 PREFERENCE_SOURCES = ("wordnet_antonym_prefs", "wordnet_definition_prefs")
+# Sources whose records are prompts with answers, for RL (jaxlearn.data.prompts).
+PROMPT_SOURCES = ("wordnet_antonym_prompts",)
 
 
 def data_format(data_cfg: Any) -> str:
@@ -32,6 +34,8 @@ def data_format(data_cfg: Any) -> str:
         return "chat"
     if fmt == "text" and data_cfg.source in PREFERENCE_SOURCES:
         return "preference"
+    if fmt == "text" and data_cfg.source in PROMPT_SOURCES:
+        return "prompts"
     return fmt
 
 

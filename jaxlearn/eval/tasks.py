@@ -7,6 +7,7 @@
 | `definitions_gen` | WordNet definitions | greedy reply (max 24 new tokens) vs the gloss | `exact_match`, `token_f1` |
 | `humaneval` | HumanEval | greedy reply, executed with the tests in the sandbox | `pass@1` |
 | `perplexity:<corpus>` | eval split of `shakespeare` or `brown` | held-out text, no chat template | `perplexity` |
+| `probes:facts`, `probes:format` | WordNet general-knowledge and instruction-format probes (`jaxlearn/eval/probes.py`), no SFT training word | greedy reply: contains an accepted answer / passes a format check | `contains` / `follows` |
 
 `--limit N` takes a fixed sample of N examples (the smallest hashes of their ids), the same
 for every model, so before/after numbers compare like for like. Example::
@@ -30,11 +31,13 @@ from jaxlearn.data.corpora import stable_fraction
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.instruct import Example, load_examples
 from jaxlearn.eval.models import EvalModel, corpus_perplexity, generate_replies, reference_nll
+from jaxlearn.eval.probes import probe_runner
 from jaxlearn.eval.scorers import execution_passes, exact_match, normalize_answer
 
-TASKS = ("antonyms", "definitions", "definitions_gen", "humaneval", "perplexity:<corpus>")
+TASKS = ("antonyms", "definitions", "definitions_gen", "humaneval", "perplexity:<corpus>", "probes:facts",
+         "probes:format")
 HEADLINE = {"antonyms": "exact_match", "definitions": "nll_per_token", "definitions_gen": "token_f1",
-            "humaneval": "pass@1", "perplexity": "perplexity"}
+            "humaneval": "pass@1", "perplexity": "perplexity", "probes:facts": "contains", "probes:format": "follows"}
 
 
 @dataclasses.dataclass
@@ -133,7 +136,7 @@ def _perplexity(em: EvalModel, corpus: str, opts: dict) -> tuple[dict, list[dict
 
 
 _RUNNERS = {"antonyms": _antonyms, "definitions": _definitions, "definitions_gen": _definitions_gen,
-            "humaneval": _humaneval}
+            "humaneval": _humaneval, "probes:facts": probe_runner("facts"), "probes:format": probe_runner("format")}
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -143,7 +146,7 @@ def check_tasks(tasks: list[str]) -> None:
     >>> check_tasks(["antonym"])
     Traceback (most recent call last):
     ...
-    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, humaneval, perplexity:<corpus> (e.g. --tasks antonyms,definitions,perplexity:brown).
+    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, humaneval, perplexity:<corpus>, probes:facts, probes:format (e.g. --tasks antonyms,definitions,perplexity:brown).
     """
     if not tasks:
         raise DataError("no eval tasks given; pass e.g. --tasks antonyms,definitions,perplexity:brown.")

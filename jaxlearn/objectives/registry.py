@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "kto": "jaxlearn.objectives.preference:KTO",
     "reward": "jaxlearn.objectives.reward:RewardModel",
     "distill": "jaxlearn.objectives.distill:Distill",
+    "grpo": "jaxlearn.objectives.rl:GRPO",
 }
 
 

@@ -1,9 +1,9 @@
 """End-of-run hooks: what a finished run leaves beside its checkpoints.
 
 Each hook is `hook(run, state, result) -> None`, called in order by `jaxlearn.train.loop.train`
-after the last step: the adapter file (PEFT runs), samples from the trained model, and the
-summary (JSON + loss-curve plot). A method that wants another output adds a hook, not a branch
-in the loop. Example::
+after the last step: the adapter file (PEFT runs), samples from the trained model, the
+forgetting report (runs from pretrained weights), and the summary (JSON + loss-curve plot). A
+method that wants another output adds a hook, not a branch in the loop. Example::
 
     for hook in END_OF_RUN:
         hook(run, state, result)
@@ -64,7 +64,8 @@ def write_summary(run, state, result) -> None:
     run.log.plot()
     summary = {"steps": result.steps, "final_train_loss": result.final_train_loss, "final_eval": result.final_eval,
                "tokens_per_sec": result.tokens_per_sec, "compile_seconds": result.compile_seconds,
-               "params": run.cfg.model.param_count(), "nonfinite_steps": result.nonfinite_steps}
+               "params": run.cfg.model.param_count(), "nonfinite_steps": result.nonfinite_steps,
+               **result.extra_summary}  # sections earlier hooks added (e.g. `forgetting`)
     # NaN/inf (a diverged loss, no timed steps) are written as null: summary.json stays JSON
     atomic_write_text(run.run_dir / "summary.json", dumps_json(summary, indent=2) + "\n")
     ev = result.final_eval
@@ -76,4 +77,16 @@ def write_summary(run, state, result) -> None:
                 f"tokens/s{skipped} | run dir {run.run_dir}")
 
 
-END_OF_RUN: tuple[Any, ...] = (export_adapter, write_samples, write_summary)
+def forgetting_report(run, state, result) -> None:
+    """Fine-tuning runs (model.init_from): general probes on the base and after training
+    (jaxlearn/eval/forgetting.py); imported here only when a run ends, so training never
+    imports the eval package.
+
+    >>> forgetting_report(run, state, result)          # doctest: +SKIP
+    """
+    from jaxlearn.eval.forgetting import forgetting_report as report
+
+    report(run, state, result)
+
+
+END_OF_RUN: tuple[Any, ...] = (export_adapter, write_samples, forgetting_report, write_summary)

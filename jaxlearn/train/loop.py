@@ -37,6 +37,7 @@ class TrainResult:
     echo: Callable[[str], None] = dataclasses.field(default=print, repr=False)
     nonfinite_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient norm)
     complete_already: bool = False  # --resume of a finished run: nothing was done
+    extra_summary: dict = dataclasses.field(default_factory=dict)  # sections hooks add to summary.json
 
 
 def _already_complete(cfg: Config, step: int, echo: Callable[[str], None]) -> TrainResult:
