@@ -8,7 +8,9 @@ and does not isolate):
 2. **Namespaces** (`unshare -rn --pid --fork --kill-child`, where unprivileged user namespaces
    work): an empty network namespace (a down loopback: no connection leaves), and a pid
    namespace whose first process is the program, so when it dies or is killed on timeout the
-   kernel kills every process it started, `setsid` children included.
+   kernel kills every process it started, `setsid` children included; and, where mount
+   namespaces work too, a read-only view of every mount but the work directory, locked in a
+   nested namespace so the program cannot remount it writable (`_READ_ONLY_VIEW`).
 3. **Resource limits** (`prlimit`, else `setrlimit` in the child before exec): address space
    (`memory_mb`), CPU seconds, file size (`max_file_mb`), processes and threads (`max_procs`
    above what the user runs already), no core dumps.
@@ -24,7 +26,7 @@ and does not isolate):
    and every descendant get SIGKILL.
 
 Honest limits: reads are not confined (the program can read what its user can read: everything
-world-readable); the audit hook guards against ordinary code, not a determined attacker with a
+world-readable; the mount view is read-only, not hidden); the audit hook guards against ordinary code, not a determined attacker with a
 C-level escape. For hostile code, run this inside a container or VM as well. Example::
 
     r = run_python("print(sum(range(10)))", timeout=5)
@@ -138,6 +140,36 @@ exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__
 '''
 
 
+# Run first inside a new user + mount namespace (`unshare -rm ... sh -c _READ_ONLY_VIEW sh WORK
+# CMD...`): the working directory is bind-mounted onto itself (it stays writable), every other
+# mount but /proc (private to the new pid namespace; the nested `unshare` writes its uid_map) is
+# remounted read-only (keeping the flags the parent namespace locked: nosuid, nodev,
+# noexec, atime), then CMD runs in a nested user + mount namespace (`unshare -rm`), where those
+# mounts are locked: the program cannot remount them writable even as root of its namespace.
+# Any mount outside /sys that cannot be made read-only fails the script (exit 97), so
+# the probe (`_namespaces`) turns the layer off rather than run with a partial view.
+_READ_ONLY_VIEW = r"""
+w="$1"; shift
+keep() {
+  out=""; old="$IFS"; IFS=,
+  for o in $1; do
+    case "$o" in nosuid|nodev|noexec|relatime|noatime|nodiratime|strictatime) out="$out,$o";; esac
+  done
+  IFS="$old"; printf '%s' "$out"
+}
+mounts=$(cat /proc/self/mounts) || exit 97
+mount --bind "$w" "$w" || exit 97
+cd "$w" || exit 97  # onto the bind mount: the old working directory is on a mount made read-only below
+printf '%s\n' "$mounts" | while read -r dev mp fs opts rest; do
+  case "$mp" in "$w"|/proc|/proc/*) continue;; esac
+  if ! mount -o "remount,bind,ro$(keep "$opts")" "$mp" 2>/dev/null; then
+    case "$mp" in /sys|/sys/*) ;; *) exit 97;; esac
+  fi
+done || exit 97
+exec "$@"
+"""
+
+
 class SandboxUnavailable(RuntimeError):
     """The sandbox cannot run here as configured (e.g. as root with no interpreter the
     unprivileged user can run); the message says what to change."""
@@ -156,6 +188,7 @@ class SandboxResult:
     user: str = ""  # who the program ran as, e.g. "nobody (uid 65534)"
     pid_namespace: bool = False  # a timeout kills every process the program started (setsid too)
     truncated: bool = False  # stdout or stderr was longer than max_output; the rest was read and dropped
+    filesystem: str = "audit-hook"  # "read-only view" (a mount namespace) or "audit-hook" (writes refused by it)
 
     @property
     def ok(self) -> bool:
@@ -220,21 +253,42 @@ def _interpreter(ident: _Identity) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _namespaces(ident: _Identity) -> tuple[bool, bool]:
-    """(network namespace, pid namespace) usable by `ident` through `unshare` (probed once)."""
+def _namespaces(ident: _Identity) -> tuple[bool, bool, bool]:
+    """(network namespace, pid namespace, read-only mount view) usable by `ident` through
+    `unshare` (probed once per identity)."""
     exe = shutil.which("unshare")
     if exe is None:
-        return False, False
+        return False, False, False
 
-    def works(*flags: str) -> bool:
+    def works(*cmd: str, cwd: str = "/") -> bool:
         try:
-            return subprocess.run([exe, *flags, "true"], capture_output=True, timeout=10, cwd="/",
+            return subprocess.run([exe, *cmd], capture_output=True, timeout=10, cwd=cwd,
                                   **ident.popen_kwargs()).returncode == 0
         except (OSError, subprocess.SubprocessError):
             return False
 
-    net = works("-rn")
-    return net, net and works("-rn", "--pid", "--fork", "--kill-child")
+    net = works("-rn", "true")
+    pid = net and works("-rn", "--pid", "--fork", "--kill-child", "true")
+    view = False
+    sh = shutil.which("sh", path="/usr/bin:/bin")
+    if pid and sh and shutil.which("mount", path="/usr/bin:/bin"):
+        probe = Path(tempfile.mkdtemp(prefix="jaxlearn-sandbox-probe-"))
+        try:
+            if ident.uid is not None:
+                os.chown(probe, ident.uid, ident.gid)
+            # the view holds if the work directory is writable, / is not, and a remount fails
+            check = '(: > w) && ! (: > /jaxlearn-probe) 2>/dev/null && ! mount -o remount,rw / 2>/dev/null'
+            view = works(*_view_command(exe, sh, probe, [sh, "-c", check]), cwd=str(probe))
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    return net, pid, view
+
+
+def _view_command(unshare: str, sh: str, work: Path, cmd: list[str]) -> list[str]:
+    """`cmd` in fresh network, pid and mount namespaces, with a private /proc and the read-only
+    view of every mount but `work` (see _READ_ONLY_VIEW)."""
+    return ["-rmn", "--pid", "--fork", "--kill-child", "--mount-proc", "--", sh, "-c", _READ_ONLY_VIEW, "sh",
+            str(work), unshare, "-rm", "--"] + cmd
 
 
 def network_namespace_available() -> bool:
@@ -289,7 +343,7 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 512, max_fi
     """
     ident = _identity()
     python = _interpreter(ident)
-    use_net_ns, use_pid_ns = _namespaces(ident)
+    use_net_ns, use_pid_ns, use_view = _namespaces(ident)
     tmp = Path(tempfile.mkdtemp(prefix="jaxlearn-sandbox-"))
     try:
         (tmp / "program.py").write_text(code, encoding="utf-8")
@@ -299,7 +353,10 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 512, max_fi
             for p in (tmp, tmp / "program.py", tmp / "_prelude.py"):
                 os.chown(p, ident.uid, ident.gid)
         cmd = [python, "-I", "-B", str(tmp / "_prelude.py")]
-        if use_pid_ns:  # the program is pid 1 of its own namespace: when it dies, all its processes die
+        if use_view:  # as below, and every mount but the work directory read-only (locked)
+            unshare = shutil.which("unshare")
+            cmd = [unshare] + _view_command(unshare, shutil.which("sh", path="/usr/bin:/bin"), tmp, cmd)
+        elif use_pid_ns:  # the program is pid 1 of its own namespace: when it dies, all its processes die
             cmd = [shutil.which("unshare"), "-rn", "--pid", "--fork", "--kill-child", "--"] + cmd
         elif use_net_ns:
             cmd = [shutil.which("unshare"), "-rn", "--"] + cmd  # unshare execs python in place (same pid)
@@ -332,7 +389,8 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 512, max_fi
         status = "timeout" if timed_out else "ok" if proc.returncode == 0 else "error"
         text = lambda b: bytes(b).decode("utf-8", "replace")  # noqa: E731
         return SandboxResult(status, proc.returncode, text(out), text(err), time.perf_counter() - t0,
-                             "namespace" if use_net_ns else "audit-hook", ident.name, use_pid_ns, truncated)
+                             "namespace" if use_net_ns else "audit-hook", ident.name, use_pid_ns, truncated,
+                             "read-only view" if use_view else "audit-hook")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
