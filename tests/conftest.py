@@ -321,6 +321,10 @@ SLOW_WITH_DEFAULT_COVER = {
         "tests/objectives/test_chunked_loss.py::test_objective_with_loss_chunk_equals_whole_logits[False]",
     "tests/objectives/test_distill.py::test_chunked_equals_whole_with_a_deeper_teacher":
         "tests/objectives/test_distill.py::test_zero_when_student_is_the_teacher[rkl-chunked]",
+    "tests/objectives/test_ppo.py::test_a_reward_for_one_token_raises_its_probability":
+        "tests/objectives/test_grpo.py::test_a_reward_for_one_token_raises_its_probability",
+    "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[partial]":
+        "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[lora]",
     # models: layouts, KV cache, sampling
     "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[False]":
         "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[True]",

@@ -62,20 +62,29 @@ def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[j
     return log_z - target_logit, log_z
 
 
-def token_logprobs(model, params: dict, batch: dict, rng: jax.Array | None = None, *, chunk: int = 0) -> jax.Array:
+def token_logprobs(model, params: dict, batch: dict, rng: jax.Array | None = None, *, chunk: int = 0,
+                   hidden: jax.Array | None = None) -> jax.Array:
     """log p(targets[b, t] | inputs[b, :t+1]) [B, T], float32, differentiable.
 
     With `chunk` > 0 and a bare head (tied embedding, or an `lm_head` without adapters) the
     head runs `chunk` tokens at a time under `jax.checkpoint`: the backward recomputes each
-    chunk's logits instead of keeping [tokens, vocab] of them.
+    chunk's logits instead of keeping [tokens, vocab] of them. `hidden`: this batch's
+    `hidden_states` when the caller has them already (a value head reads the same ones), so
+    the trunk runs once.
 
     >>> lp = token_logprobs(model, params, batch, chunk=256)     # doctest: +SKIP
+    >>> h = hidden_states(model, params, batch)                  # doctest: +SKIP
+    >>> lp = token_logprobs(model, params, batch, hidden=h)      # doctest: +SKIP
     """
     head = plain_lm_head(model.cfg, model_params(params)) if chunk else None
     if head is None:
-        ce, _ = token_cross_entropy(logits(model, params, batch, rng), batch["targets"])
+        if hidden is None:
+            lg = logits(model, params, batch, rng)
+        else:
+            lg = model.apply({"params": model_params(params)}, hidden, rngs=_rngs(rng), method="logits")
+        ce, _ = token_cross_entropy(lg, batch["targets"])
         return -ce
-    h_btd = hidden_states(model, params, batch, rng)
+    h_btd = hidden_states(model, params, batch, rng) if hidden is None else hidden
     b, t, d = h_btd.shape
     w, transposed = head
     n = b * t

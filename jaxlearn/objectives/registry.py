@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "reward": "jaxlearn.objectives.reward:RewardModel",
     "distill": "jaxlearn.objectives.distill:Distill",
     "grpo": "jaxlearn.objectives.rl:GRPO",
+    "ppo": "jaxlearn.objectives.rl:PPO",
 }
 
 

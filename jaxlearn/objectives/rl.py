@@ -46,7 +46,7 @@ import numpy as np
 from jaxlearn.config import ConfigError, ObjectiveConfig
 from jaxlearn.objectives import rl_losses as L
 from jaxlearn.objectives.base import Objective
-from jaxlearn.objectives.forward import model_params, token_logprobs
+from jaxlearn.objectives.forward import hidden_states, model_params, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,20 @@ class GRPO(Objective):
         return self.reference_extras()
 
     def prepare(self, batch, state):
+        out, rewards = self.rollout(batch, state)
+        out["rewards"] = rewards
+        out["advantages"] = L.group_advantages(rewards, self.cfg.group_size, self.cfg.advantage)
+        return out
+
+    def rollout(self, batch: dict, state: Any) -> tuple[dict, jax.Array]:
+        """The shared first half of an RL `prepare` (GRPO and PPO): each prompt `group_size`
+        times (consecutive rows), sampled from the current weights, scored on the host.
+        Returns (the five token features + `old_logprobs` [R, T], rewards float32 [R]).
+
+        >>> out, rewards = objective.rollout(global_prompt_batch, state)   # doctest: +SKIP
+        """
         if state is None:
-            raise ValueError("grpo.prepare samples from the current weights; use abstract_batch for shapes.")
+            raise ValueError(f"{self.cfg.type}.prepare samples from the current weights; use abstract_batch for shapes.")
         from jaxlearn.models.generate import rollout_batch, sample
 
         g = self.cfg.group_size
@@ -172,10 +184,7 @@ class GRPO(Objective):
         # Rewards read text: the sampled tokens come to the host (prepare is outside the step).
         prompts_b, resp, mask, done, rec_b = jax.device_get((batch["inputs"], ro.tokens, ro.mask, ro.done, rec))
         rewards = self.score(np.repeat(prompts_b, g, axis=0), resp, mask, done, np.repeat(rec_b, g, axis=0))
-        rewards = jnp.asarray(rewards, jnp.float32)
-        out["rewards"] = rewards
-        out["advantages"] = L.group_advantages(rewards, g, self.cfg.advantage)
-        return out
+        return out, jnp.asarray(rewards, jnp.float32)
 
     def abstract_batch(self, batch_size, seq_len):
         r, t = batch_size * self.cfg.group_size, seq_len + self.cfg.max_new_tokens
@@ -207,3 +216,208 @@ class GRPO(Objective):
             metrics["kl"] = jnp.sum(kl_bt)
             total = total + cfg.kl_coef * jnp.sum(kl_bt) / cfg.max_new_tokens
         return total, jnp.asarray(mask.shape[0], jnp.float32), metrics
+
+
+# ---- PPO ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(ObjectiveConfig):
+    """`ppo`: a value head, GAE, clipped policy and value losses, and a reward-shaping KL leash.
+
+    The sampling and reward keys mean what they mean for `grpo` (PPO reuses its rollout)."""
+
+    type: str = "ppo"
+    group_size: int = 1  # samples per prompt (the value head is the baseline, so 1 is enough)
+    clip_eps: float = 0.2  # policy ratio clip
+    vf_coef: float = 0.1  # weight of the value loss
+    vf_clip: float = 0.2  # value clip range around the rollout-time values
+    kl_coef: float = 0.05  # per-token reward shaping: r_t -= kl_coef * (log pi - log pi_ref)
+    report_kl: bool = True  # compute the KL metric (a reference forward) even when kl_coef is 0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # zero mean, unit std over the batch's response tokens
+    ppo_epochs: int = 1  # updates per rollout batch: only 1 for now (see PPO's docstring)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    stop_at_end_of_turn: bool = True
+    stop_tokens: tuple[int, ...] = ()
+    rewards: tuple[str, ...] = ("accept",)
+    reward_weights: tuple[float, ...] = ()
+    max_words: int = 3
+    target_chars: int = 24
+    loss_chunk: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(name, ok, fix):
+            if not ok:
+                raise ConfigError(f"objective.{name}: {getattr(self, name)!r} is out of range; {fix}.")
+
+        need("group_size", self.group_size >= 1, "use at least one sample per prompt")
+        need("clip_eps", self.clip_eps > 0, "use a positive clip range, e.g. 0.2")
+        need("vf_coef", self.vf_coef >= 0, "use a non-negative value-loss weight, e.g. 0.1")
+        need("vf_clip", self.vf_clip > 0, "use a positive value clip range, e.g. 0.2")
+        need("kl_coef", self.kl_coef >= 0, "use 0 (no leash) or a positive weight, e.g. 0.05")
+        need("gamma", 0 <= self.gamma <= 1, "use a discount in [0, 1], e.g. 1.0")
+        need("lam", 0 <= self.lam <= 1, "use a GAE lambda in [0, 1], e.g. 0.95")
+        need("ppo_epochs", self.ppo_epochs == 1,
+             "several updates per rollout batch are not supported yet (the loop prepares a fresh batch "
+             "every step); use 1")
+        need("temperature", self.temperature > 0, "sample with a positive temperature, e.g. 1.0")
+        need("top_p", 0 < self.top_p <= 1, "use a nucleus mass in (0, 1]")
+        need("max_new_tokens", self.max_new_tokens >= 1, "sample at least one token")
+        need("loss_chunk", self.loss_chunk >= 0, "use 0 (off) or a token count such as 256")
+        need("reward_weights", len(self.reward_weights) in (0, len(self.rewards)),
+             f"give one weight per objective.rewards term ({len(self.rewards)}), or none (all 1.0)")
+
+
+class PPO(GRPO):
+    """PPO with a scalar value head on the policy's final hidden states (`objective.type: ppo`).
+
+    It reuses GRPO's rollout and rewards (`GRPO.rollout`, `score`, the tokenizer and records);
+    only the advantages and the loss differ. Per step:
+
+    1. **Rollout + rewards**: as GRPO (`group_size` samples per prompt, scored on the host).
+    2. **Rollout-time forward** (jitted, in `prepare`, current weights): the teacher-forced
+       policy log-probs (they replace the sampler's, so the ratio and the KL compare one
+       computation: exactly 1 and 0 at the first step), the values V_t (the head
+       `params["heads"]["value"]`: a [D] kernel and a bias, zero at init) and, for the leash,
+       the reference log-probs.
+    3. **Per-token rewards**: the sequence reward on the last response token, minus
+       `kl_coef` * (log pi - log pi_ref) on every response token (reward-shaping KL).
+    4. **GAE** (`rl_losses.gae`, gamma, lam) -> per-token `advantages` (whitened over the
+       batch's response tokens with `whiten_advantages`) and `returns`.
+    5. **Loss** (in the step): the clipped ratio surrogate with per-token advantages plus
+       `vf_coef` * the clipped value loss, token sums over `max_new_tokens` per row (GRPO's
+       normaliser), weight = rows.
+
+    The reference: with PEFT the base with adapters off (no copy). With full or partial
+    fine-tuning the starting weights, which `prepare` needs (the step never reads them), so
+    the objective loads them once itself, laid out by the policy's sharding rules, instead of
+    passing an extra to the step that it would not use. They are not counted by `jaxlearn
+    compile`'s extras report.
+
+    Not yet: several epochs over one rollout batch (`ppo_epochs` > 1). The loop calls
+    `prepare` on a fresh feed batch before every step (and for held-out batches), so reusing a
+    prepared batch needs a loop change; `ppo_epochs` is checked to be 1.
+
+    Batch (R = prompts * group_size rows, T = seq_len + max_new_tokens): GRPO's token features
+    and `old_logprobs`, plus `old_values`, `token_rewards`, `advantages`, `returns` float32
+    [R, T] and `rewards`, `kl` float32 [R] (the sequence reward; the rollout's per-sequence
+    KL). Metrics (means over rows): `reward`, `kl`, `clip_frac`, `ratio`, `value_loss`,
+    `explained_variance`, `response_len`, `entropy`. Example::
+
+        objective: {type: ppo, kl_coef: 0.05, gamma: 1.0, lam: 0.95, vf_coef: 0.1}
+        batch = objective.prepare(global_prompt_batch, state)   # rollout, values, GAE
+    """
+
+    Config = PPOConfig
+
+    def __init__(self, model, cfg, run=None):
+        super().__init__(model, cfg, run)
+        # One jitted rollout-time forward per objective (compiles once per batch shape).
+        self._rollout_forward = jax.jit(self._forward_terms)
+
+    # ---- heads ------------------------------------------------------------------------------
+
+    def init_heads(self, key):
+        d = self.model.cfg.d_model
+        # zero at init: V = 0 everywhere, so the first advantages are the (shaped) returns
+        return {"value": {"kernel": jnp.zeros((d,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+
+    def head_axes(self):
+        return {"value": {"kernel": ("embed",), "bias": ()}}
+
+    def values(self, params: dict, h_btd: jax.Array) -> jax.Array:
+        """float32 [B, T] values of the hidden states: V_t estimates the return from the token
+        that target t is (the state is the prefix through input t).
+
+        >>> v = objective.values(params, hidden_states(model, params, batch))   # doctest: +SKIP
+        """
+        head = params["heads"]["value"]
+        return h_btd.astype(jnp.float32) @ head["kernel"] + head["bias"]
+
+    # ---- seams ------------------------------------------------------------------------------
+
+    def extras(self):
+        return {}  # the reference is read in `prepare` only (see the class docstring)
+
+    def rollout_reference(self, params: dict) -> dict | None:
+        """The reference policy's parameters for `prepare`, or None when no KL is needed."""
+        if self.cfg.kl_coef == 0 and not self.cfg.report_kl:
+            return None
+        if self.run.peft.type != "none":
+            from jaxlearn.peft.merge import without_adapters
+
+            return without_adapters(params)
+        if "reference" not in self._host:
+            from jaxlearn.train.extras import build_extras
+
+            self._host["reference"] = build_extras(self.reference_extras(), self.model.shard).values["reference"]
+        return self._host["reference"]
+
+    def _forward_terms(self, params, ref_params, batch):
+        h = hidden_states(self.model, params, batch)
+        lp = token_logprobs(self.model, params, batch, chunk=self.cfg.loss_chunk, hidden=h)
+        ref_lp = None if ref_params is None else token_logprobs(self.model, ref_params, batch, chunk=self.cfg.loss_chunk)
+        return lp, self.values(params, h), ref_lp
+
+    def prepare(self, batch, state):
+        from jaxlearn.objectives.reward import last_response_index
+
+        cfg = self.cfg
+        out, rewards = self.rollout(batch, state)
+        mask = out["loss_mask"]
+        lp, values, ref_lp = self._rollout_forward(state.params, self.rollout_reference(state.params), out)
+        lp, values = lp * mask, values * mask
+        kl_bt = jnp.zeros_like(lp) if ref_lp is None else (lp - ref_lp) * mask  # k1: its sum is the sequence KL
+        last = last_response_index(mask)
+        score_bt = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * rewards[:, None]
+        token_rewards = score_bt - cfg.kl_coef * kl_bt
+        adv, ret = L.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            n = jnp.maximum(jnp.sum(mask), 1.0)
+            mean = jnp.sum(adv) / n
+            std = jnp.sqrt(jnp.sum(jnp.square(adv - mean) * mask) / n)
+            adv = (adv - mean) / (std + 1e-6) * mask
+        out.update(old_logprobs=lp, old_values=values, token_rewards=token_rewards, advantages=adv, returns=ret,
+                   rewards=rewards, kl=jnp.sum(kl_bt, axis=-1))
+        return out
+
+    def abstract_batch(self, batch_size, seq_len):
+        r, t = batch_size * self.cfg.group_size, seq_len + self.cfg.max_new_tokens
+        shapes = {k: ((r, t), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+        shapes.update({k: ((r, t), jnp.float32) for k in ("loss_mask", "old_logprobs", "old_values", "token_rewards",
+                                                          "advantages", "returns")})
+        shapes.update(rewards=((r,), jnp.float32), kl=((r,), jnp.float32))
+        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+
+    # ---- the loss ---------------------------------------------------------------------------
+
+    def loss(self, params, batch, rng, extras):
+        cfg = self.cfg
+        mask = batch["loss_mask"].astype(jnp.float32)
+        h = hidden_states(self.model, params, batch, rng)  # one trunk pass for the policy and the value head
+        lp = token_logprobs(self.model, params, batch, rng, chunk=cfg.loss_chunk, hidden=h)
+        values = self.values(params, h)
+        pg, clipped, ratio = L.clipped_surrogate(lp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
+        vl = L.clipped_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.vf_clip)
+        rows = jnp.asarray(mask.shape[0], jnp.float32)
+        n_b = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        per_row = lambda x: jnp.sum(jnp.sum(x, -1) / n_b)  # noqa: E731  (sum over rows of per-row token means)
+        total = (jnp.sum(pg) + cfg.vf_coef * jnp.sum(vl)) / cfg.max_new_tokens
+        metrics = {
+            "reward": jnp.sum(batch["rewards"]),
+            "kl": jnp.sum(batch["kl"]),
+            "response_len": jnp.sum(mask),
+            "clip_frac": per_row(clipped),
+            "ratio": per_row(ratio * mask),
+            "value_loss": per_row(vl),
+            # a batch statistic: times rows, so the step's division by rows gives it back
+            # (with gradient accumulation: the row-weighted mean over microbatches)
+            "explained_variance": L.explained_variance(jax.lax.stop_gradient(values), batch["returns"], mask) * rows,
+            "entropy": per_row(-batch["old_logprobs"] * mask),
+        }
+        return total, rows, metrics
