@@ -325,6 +325,10 @@ SLOW_WITH_DEFAULT_COVER = {
         "tests/objectives/test_grpo.py::test_a_reward_for_one_token_raises_its_probability",
     "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[partial]":
         "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[lora]",
+    "tests/objectives/test_kl_to_base.py::test_chunked_head_gives_the_same_kl_and_gradients":
+        "tests/objectives/test_kl_to_base.py::test_kl_to_base_is_exactly_zero_at_step_0_with_adapters_at_identity",
+    "tests/objectives/test_kl_to_base.py::test_full_finetuning_reference_is_the_frozen_start_copy":
+        "tests/train/test_reference_policy.py::test_full_finetuning_reference_is_a_frozen_copy_of_the_start",
     # models: layouts, KV cache, sampling
     "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[False]":
         "tests/models/test_student.py::test_selected_student_runs_the_teachers_layers[True]",

@@ -49,7 +49,7 @@ class Objective:
     """Base class of every training objective (see the module docstring for the seams)."""
 
     Config: ClassVar[type] = ObjectiveConfig
-    # Evaluation reports exp(loss) as perplexity: true for next-token losses in nats/token.
+    # Evaluation reports exp(ce) (the metric, else exp(loss)) as perplexity: next-token losses in nats/token.
     reports_perplexity: ClassVar[bool] = False
 
     def __init__(self, model: Any, cfg: ObjectiveConfig, run: Config | None = None):

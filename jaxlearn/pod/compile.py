@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlearn.config import Config
+from jaxlearn.config import Config, ModelConfig
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.objectives.registry import build_objective
 from jaxlearn.peft.filter import flat_paths
@@ -142,18 +142,34 @@ def fit_check(cfg: Config, topology: str, *, slices: int | None = None, count_fl
     XLA's cost analysis counts the body of a loop once, so with `scan_layers` its FLOPs miss
     all but one layer. With `count_flops`, two more compiles of the same step with 1 and 2
     unrolled layers give the per-layer FLOPs, and the step's count is extrapolated to all
-    layers (exact for identical layers); without it `xla_flops` is NaN.
+    layers (exact for identical layers); without it `xla_flops` is NaN. A teacher in the
+    objective's config is unrolled whole in those two compiles, so its forward is counted.
+    Other loops are still counted once: with `loss_chunk` the LM head's chunk loop counts one
+    chunk of the head's FLOPs.
     """
     report = _compile_report(cfg, topology, slices)
     if count_flops:
         small = lambda n: dataclasses.replace(cfg, model=dataclasses.replace(  # noqa: E731
-            cfg.model, n_layers=n, scan_layers=False))
+            cfg.model, n_layers=n, scan_layers=False), objective=_unrolled_models(cfg.objective))
         f1 = _compile_report(small(1), topology, slices, memory=False).xla_flops
         f2 = _compile_report(small(2), topology, slices, memory=False).xla_flops
         report.xla_flops = f1 + (cfg.model.n_layers - 1) * (f2 - f1)
     else:
         report.xla_flops = float("nan")
     return report
+
+
+def _unrolled_models(objective: Any) -> Any:
+    """`objective` with every model block it holds (a distillation teacher) unrolled at its own
+    depth. XLA counts a scanned body once, so a scanned teacher's FLOPs would count one layer;
+    the FLOP compiles vary only the policy's depth, so the teacher's count is then whole.
+
+    >>> _unrolled_models(DistillConfig(teacher=ModelConfig(n_layers=30))).teacher.scan_layers  # doctest: +SKIP
+    False
+    """
+    blocks = {f.name: dataclasses.replace(getattr(objective, f.name), scan_layers=False)
+              for f in dataclasses.fields(objective) if isinstance(getattr(objective, f.name), ModelConfig)}
+    return dataclasses.replace(objective, **blocks) if blocks else objective
 
 
 def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool = True) -> FitReport:

@@ -59,7 +59,9 @@ def make_evaluator(objective: Any, setup: StateSetup, shard: ShardingContext, ex
         denom = max(weight, 1.0)
         out = {"loss": total / denom, **{k: v / denom for k, v in sums.items()}, "weight": weight}
         if objective.reports_perplexity:
-            out.update(perplexity=math.exp(min(out["loss"], 50.0)), tokens=weight)
+            # exp of the cross-entropy alone where reported: penalties in the loss (z-loss, a KL to
+            # the base) are not part of the model's perplexity
+            out.update(perplexity=math.exp(min(out.get("ce", out["loss"]), 50.0)), tokens=weight)
         return out
 
     return evaluate
