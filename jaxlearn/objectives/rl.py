@@ -49,6 +49,16 @@ from jaxlearn.objectives.base import Objective
 from jaxlearn.objectives.forward import hidden_states, model_params, token_logprobs
 
 
+def _check_rollout(cfg, need) -> None:
+    """The sampling and reward keys GRPO and PPO share, checked once for both."""
+    need("temperature", cfg.temperature > 0, "sample with a positive temperature, e.g. 1.0")
+    need("top_p", 0 < cfg.top_p <= 1, "use a nucleus mass in (0, 1]")
+    need("max_new_tokens", cfg.max_new_tokens >= 1, "sample at least one token")
+    need("loss_chunk", cfg.loss_chunk >= 0, "use 0 (off) or a token count such as 256")
+    need("reward_weights", len(cfg.reward_weights) in (0, len(cfg.rewards)),
+         f"give one weight per objective.rewards term ({len(cfg.rewards)}), or none (all 1.0)")
+
+
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(ObjectiveConfig):
     """`grpo`: group-relative policy optimisation with a clipped ratio and a k3 KL leash."""
@@ -82,12 +92,7 @@ class GRPOConfig(ObjectiveConfig):
              "use several samples per prompt, e.g. 4 (rloo needs at least 2)")
         need("clip_eps", self.clip_eps > 0, "use a positive clip range, e.g. 0.2")
         need("kl_coef", self.kl_coef >= 0, "use 0 (no leash) or a positive weight, e.g. 0.04")
-        need("temperature", self.temperature > 0, "sample with a positive temperature, e.g. 1.0")
-        need("top_p", 0 < self.top_p <= 1, "use a nucleus mass in (0, 1]")
-        need("max_new_tokens", self.max_new_tokens >= 1, "sample at least one token")
-        need("loss_chunk", self.loss_chunk >= 0, "use 0 (off) or a token count such as 256")
-        need("reward_weights", len(self.reward_weights) in (0, len(self.rewards)),
-             f"give one weight per objective.rewards term ({len(self.rewards)}), or none (all 1.0)")
+        _check_rollout(self, need)
 
 
 class GRPO(Objective):
@@ -265,12 +270,7 @@ class PPOConfig(ObjectiveConfig):
         need("ppo_epochs", self.ppo_epochs == 1,
              "several updates per rollout batch are not supported yet (the loop prepares a fresh batch "
              "every step); use 1")
-        need("temperature", self.temperature > 0, "sample with a positive temperature, e.g. 1.0")
-        need("top_p", 0 < self.top_p <= 1, "use a nucleus mass in (0, 1]")
-        need("max_new_tokens", self.max_new_tokens >= 1, "sample at least one token")
-        need("loss_chunk", self.loss_chunk >= 0, "use 0 (off) or a token count such as 256")
-        need("reward_weights", len(self.reward_weights) in (0, len(self.rewards)),
-             f"give one weight per objective.rewards term ({len(self.rewards)}), or none (all 1.0)")
+        _check_rollout(self, need)
 
 
 class PPO(GRPO):
