@@ -5,6 +5,7 @@
     jaxlearn generate --model smollm2-135m-instruct "What is the capital of France?"
     jaxlearn convert smollm2-135m-instruct out/smollm2-hf
     jaxlearn eval runs/shakespeare
+    jaxlearn continual configs/continual_smollm2_wordnet.yaml continual.method=share
     jaxlearn compile configs/pod/llama3_8b_full_ft.yaml --topology v5p:4x4x4
     jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
     jaxlearn data fetch shakespeare
@@ -34,6 +35,13 @@ def _cmd_train(args) -> int:
 
         initialize(args.coordinator, args.num_processes, args.process_id)
     train(cfg)
+    return 0
+
+
+def _cmd_continual(args) -> int:
+    from jaxlearn.continual.runner import load_sequence, run_sequence
+
+    run_sequence(load_sequence(args.sequence, args.overrides))
     return 0
 
 
@@ -180,11 +188,9 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_data_fetch(args) -> int:
-    from jaxlearn.data.corpora import fetch_corpus
+    from jaxlearn.data.corpora import fetch_corpus, fetch_donotanswer, fetch_humaneval, fetch_wordnet
 
-    from jaxlearn.data.corpora import fetch_humaneval, fetch_wordnet
-
-    fetchers = {"wordnet": fetch_wordnet, "humaneval": fetch_humaneval}
+    fetchers = {"wordnet": fetch_wordnet, "humaneval": fetch_humaneval, "donotanswer": fetch_donotanswer}
     for name in args.names:
         print(f"{name}: {fetchers[name]() if name in fetchers else fetch_corpus(name)}")
     return 0
@@ -290,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's id")
     t.set_defaults(fn=_cmd_train)
 
+    cs = sub.add_parser("continual", help="train a sequence of tasks (continual learning); report the accuracy matrix")
+    cs.add_argument("sequence", help="sequence YAML, e.g. configs/continual_smollm2_wordnet.yaml")
+    cs.add_argument("overrides", nargs="*", help="dotted overrides, e.g. continual.method=ella train.steps=20")
+    cs.set_defaults(fn=_cmd_continual)
+
     cp = sub.add_parser("compile", help="ahead-of-time fit check of a recipe on a TPU topology (no TPU needed)")
     cp.add_argument("recipe", help="YAML recipe, e.g. configs/pod/llama3_8b_full_ft.yaml")
     cp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 model.remat=full")
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data tools")
     ds = d.add_subparsers(dest="data_command", required=True)
     df = ds.add_parser("fetch", help="download a real corpus into the cache (JAXLEARN_CACHE)")
-    df.add_argument("names", nargs="+", choices=["shakespeare", "brown", "wordnet", "humaneval"])
+    df.add_argument("names", nargs="+", choices=["shakespeare", "brown", "wordnet", "humaneval", "donotanswer"])
     df.set_defaults(fn=_cmd_data_fetch)
     return p
 

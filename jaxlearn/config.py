@@ -125,7 +125,8 @@ class DataConfig:
 
     source: Literal["shakespeare", "brown", "text", "jsonl", "parquet", "arrayrecord", "tfds",
                     "wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval",
-                    "wordnet_antonym_prefs", "wordnet_definition_prefs", "wordnet_antonym_prompts"] = "shakespeare"
+                    "wordnet_antonym_prefs", "wordnet_definition_prefs", "wordnet_antonym_prompts",
+                    "safety_sft", "safety_pairs"] = "shakespeare"
     paths: tuple[str, ...] = ()  # files or globs for text/jsonl/parquet/arrayrecord; tfds data_dir
     text_field: str = "text"  # jsonl/parquet/tfds field holding the document text
     tfds_name: str = ""  # registered TFDS builder name (source: tfds)

