@@ -65,8 +65,10 @@ class ContinualConfig(ObjectiveConfig):
     targets: tuple[str, ...] = ()  # module regexes (as peft.targets); empty: attention + MLP projections
     task: int = 0  # index of this task in the sequence (seeds its fresh factors)
     state: str = ""  # the sequence state (.npz) after the previous task; "" before the first
-    olora_lambda: float = 0.5  # weight of sum_s ||A_t^T A_s||_F^2
-    ella_lambda: float = 1.0  # weight of ||dW_t (.) W_past||_F^2
+    olora_lambda: float = 0.5  # weight of sum_s |A_t^T A_s| (olora_norm)
+    olora_norm: Literal["l1", "fro2"] = "l1"  # O-LoRA's code: L1; fro2: squared Frobenius
+    ella_lambda: float = 1.0  # weight of ||dW_t (.) W_hat||_F^2
+    ella_normalize: Literal["rms", "none"] = "rms"  # W_hat = W_past / rms(W_past) per matrix, or raw
     share_k: int = 8  # Share: size of the shared basis per side (in, out) of a matrix
     share_extra_rank: int = 0  # Share: temporary plain-LoRA rank trained beside the coefficients
     loss_chunk: int = 0  # as objective.loss_chunk of `lm`
@@ -236,9 +238,10 @@ class ContinualObjective(Objective):
         total = jnp.zeros((), jnp.float32)
         for p, (a, b) in factors.items():
             if self.cfg.method == "ella":
-                total = total + cm.ella_penalty(cm.lora_delta(a, b, self.scale), extras[f"w_past/{p}"])
+                total = total + cm.ella_penalty(cm.lora_delta(a, b, self.scale), extras[f"w_past/{p}"],
+                                               self.cfg.ella_normalize)
             elif self.cfg.method == "olora":
-                total = total + cm.olora_penalty(a, extras[f"past_a/{p}"])
+                total = total + cm.olora_penalty(a, extras[f"past_a/{p}"], self.cfg.olora_norm)
         return total
 
     def loss(self, params, batch, rng, extras):

@@ -22,10 +22,10 @@ What is implemented (no access to the papers here; from the issue's description)
   (`alpha = U_A^T A`, `beta = B U_B`: orthogonal projection, no data). When fewer than `k`
   directions exist the basis is completed with a fixed orthonormal complement (so its shape, and
   the memory, never change).
-- ELLA (arXiv 2601.02232): `lambda * ||dW_t (.) W_past||_F^2`, `W_past` the running sum of the past
-  tasks' updates (`ella_update`).
-- O-LoRA: `sum_s ||A_t^T A_s||_F^2` over the past tasks' A factors (the issue writes it for the
-  `[r, in]` layout as `||A_t A_s^T||_F^2`; the same number).
+- ELLA (arXiv 2601.02232): `lambda * ||dW_t (.) W_hat||_F^2`, `W_past` the running sum of the past
+  tasks' updates (`ella_update`), `W_hat` it divided by its RMS per matrix (`ella_penalty`: why).
+- O-LoRA: `sum_s |A_t^T A_s|_1` (O-LoRA's code; `norm="fro2"`: `||A_t^T A_s||_F^2`) over the past
+  tasks' A factors.
 """
 
 from __future__ import annotations
@@ -147,17 +147,33 @@ def share_reconstruction_error(a_list, b_list, basis_a, basis_b) -> jax.Array:
     return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
 
 
-def ella_penalty(delta: jax.Array, w_past: jax.Array) -> jax.Array:
-    """ELLA's interference penalty `||delta (.) W_past||_F^2` (summed over any leading axes); the
+def ella_penalty(delta: jax.Array, w_past: jax.Array, normalize: str = "rms") -> jax.Array:
+    """ELLA's interference penalty `||delta (.) W_hat||_F^2` (summed over any leading axes); the
     caller multiplies by lambda. Exactly 0, with gradient 0, wherever `W_past` is 0: the first
     task is unconstrained, and directions no past task used stay free.
 
+    `normalize="rms"` (default): `W_hat = W_past / rms(W_past)`, per matrix (the last two axes), so
+    lambda is scale-free. Why: past LoRA updates have entries ~1e-3, so with the raw `W_past`
+    the penalty's pull, `2 lambda W_past^2 delta`, is ~1e-6 lambda delta: at lambda = 1 nothing
+    is shrunk and ELLA trains like sequential merged LoRA (Adam removes any overall gradient
+    scale, so the learning rate cannot make up for it). With `W_hat` the entries where past
+    tasks put typical energy have weight ~1 and lambda means the same for every model and task
+    count. `normalize="none"`: the raw `W_past`.
+
     >>> float(ella_penalty(jnp.ones((2, 2)), jnp.zeros((2, 2))))
     0.0
-    >>> float(ella_penalty(jnp.ones((2, 2)), jnp.eye(2)))
+    >>> round(float(ella_penalty(jnp.ones((2, 2)), 1e-3 * jnp.eye(2))), 4)   # rms 1e-3 / sqrt(2)
+    4.0
+    >>> float(ella_penalty(jnp.ones((2, 2)), jnp.eye(2), normalize="none"))
     2.0
     """
-    return jnp.sum(jnp.square(delta.astype(jnp.float32) * w_past.astype(jnp.float32)))
+    w = w_past.astype(jnp.float32)
+    if normalize == "rms":
+        rms = jnp.sqrt(jnp.mean(jnp.square(w), axis=(-2, -1), keepdims=True))
+        w = w / jnp.maximum(rms, jnp.finfo(jnp.float32).tiny)  # all-zero W_past stays 0
+    elif normalize != "none":
+        raise ValueError(f"normalize={normalize!r}: use 'rms' or 'none'.")
+    return jnp.sum(jnp.square(delta.astype(jnp.float32) * w))
 
 
 def ella_update(w_past: jax.Array, delta: jax.Array) -> jax.Array:
@@ -170,13 +186,24 @@ def ella_update(w_past: jax.Array, delta: jax.Array) -> jax.Array:
     return w_past.astype(jnp.float32) + delta.astype(jnp.float32)
 
 
-def olora_penalty(a: jax.Array, a_past: jax.Array) -> jax.Array:
-    """O-LoRA's orthogonality penalty `||A^T A_past||_F^2` = `sum_s ||A_t^T A_s||_F^2` with the past
-    tasks' A factors stacked as the columns of `a_past` [..., in, R] (zero columns: no past task).
+def olora_penalty(a: jax.Array, a_past: jax.Array, norm: str = "l1") -> jax.Array:
+    """O-LoRA's orthogonality penalty on `A_t^T A_past` (= the blocks `A_t^T A_s` of every past
+    task s), with the past tasks' A factors stacked as the columns of `a_past` [..., in, R] (zero
+    columns: no past task). `norm="l1"` (default): the sum of absolute entries, as in O-LoRA's
+    code; `"fro2"`: the squared Frobenius norm. Why L1: the entries of `A_t^T A_s` are well below 1
+    (LoRA's A starts at +-1/sqrt(in)), so squaring them makes the penalty orders of magnitude
+    weaker at the same lambda.
 
     >>> float(olora_penalty(jnp.eye(3)[:, :1], jnp.eye(3)[:, 1:]))
     0.0
     >>> float(olora_penalty(jnp.ones((2, 1)), jnp.ones((2, 1))))
+    2.0
+    >>> float(olora_penalty(jnp.ones((2, 1)), jnp.ones((2, 1)), norm="fro2"))
     4.0
     """
-    return jnp.sum(jnp.square(jnp.matmul(_t(a.astype(jnp.float32)), a_past.astype(jnp.float32))))
+    overlap = jnp.matmul(_t(a.astype(jnp.float32)), a_past.astype(jnp.float32))
+    if norm == "l1":
+        return jnp.sum(jnp.abs(overlap))
+    if norm == "fro2":
+        return jnp.sum(jnp.square(overlap))
+    raise ValueError(f"norm={norm!r}: use 'l1' or 'fro2'.")

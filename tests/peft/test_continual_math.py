@@ -57,10 +57,25 @@ def test_ella_penalty_is_zero_on_the_first_task_and_its_gradient_zero_where_w_pa
     assert float(ella_penalty(lora_delta(a, b), w_past)) > 0
 
 
+def test_ella_rms_normalisation_makes_lambda_scale_free_per_matrix():
+    delta = lora_delta(_rand(0, 2, 8, 2), _rand(1, 2, 2, 6))  # two layers
+    w_past = _rand(2, 2, 8, 6)
+    tiny = w_past * jnp.array([1e-3, 1e-4])[:, None, None]  # past updates are small, and differ per layer
+    # normalised: the same penalty whatever the scale of each layer's W_past
+    np.testing.assert_allclose(float(ella_penalty(delta, tiny)), float(ella_penalty(delta, w_past)), rtol=1e-5)
+    # raw: the penalty shrinks with W_past^2 (why the default normalises)
+    assert float(ella_penalty(delta, tiny, normalize="none")) < 1e-5 * float(ella_penalty(delta, w_past, "none"))
+    # every matrix of rms 1 gives the raw penalty
+    unit = w_past / jnp.sqrt(jnp.mean(w_past**2, axis=(-2, -1), keepdims=True))
+    np.testing.assert_allclose(float(ella_penalty(delta, unit)), float(ella_penalty(delta, unit, "none")), rtol=1e-5)
+
+
 def test_olora_penalty_is_zero_for_orthogonal_a_and_positive_otherwise():
     q, _ = jnp.linalg.qr(_rand(0, 16, 6))
-    assert float(olora_penalty(q[:, :3], q[:, 3:])) < 1e-10
+    assert float(olora_penalty(q[:, :3], q[:, 3:])) < 1e-5  # float32 round-off of exact zeros (L1: 18 entries)
+    assert float(olora_penalty(q[:, :3], q[:, 3:], "fro2")) < 1e-10
     assert float(olora_penalty(q[:, :3], jnp.zeros((16, 4)))) == 0.0  # no past task
     a, past = _rand(1, 16, 3), _rand(2, 16, 4)
-    want = sum(float(jnp.sum((a.T @ past[:, s:s + 2]) ** 2)) for s in (0, 2))  # sum over two past tasks
-    np.testing.assert_allclose(float(olora_penalty(a, past)), want, rtol=1e-5)
+    for norm, f in (("l1", jnp.abs), ("fro2", jnp.square)):
+        want = sum(float(jnp.sum(f(a.T @ past[:, s:s + 2]))) for s in (0, 2))  # sum over two past tasks
+        np.testing.assert_allclose(float(olora_penalty(a, past, norm)), want, rtol=1e-5)
