@@ -33,7 +33,9 @@ def test_multi_adapter_equals_per_example_loop(impl, blocks):
     grad = lambda f: jax.jit(jax.grad(lambda *p: jnp.sum(jnp.sin(f(*p))), argnums=(0, 1, 2, 3)))(x, a, b, sc)  # noqa: E731
     g = grad(run)
     for got, want, name in zip(g, grad(loop), ("dx", "dA bank", "dB bank", "dscales")):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+        # atol: an element of the bank's gradient sums ~1,500 float32 products of size ~1 in an order
+        # that differs between the kernel and the loop (seen: 1.4e-5 on a 0.027 entry, that is, cancellation)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5, err_msg=name)
     # the adapter no example picked gets exactly zero gradient
     assert not np.any(np.asarray(g[1][1])) and not np.any(np.asarray(g[2][1]))
 

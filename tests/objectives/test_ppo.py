@@ -83,7 +83,8 @@ def test_first_step_ratio_one_kl_zero_and_value_head_zero():
     assert float(m["ratio"]) / rows == pytest.approx(1.0, abs=1e-5)
     assert float(m["kl"]) / rows == pytest.approx(0.0, abs=1e-6)
     assert float(m["clip_frac"]) == 0.0
-    assert float(m["explained_variance"]) == pytest.approx(0.0, abs=1e-6)  # V = 0: no better than a constant
+    # V = 0: no better than a constant (1 - var/var in float32: a few ulp of 1 from 0)
+    assert float(m["explained_variance"]) == pytest.approx(0.0, abs=2e-5)
     # V = old V = 0: the value loss is 0.5 * returns^2, per-row means over response tokens
     ret = np.asarray(batch["returns"])
     want_vl = np.sum(np.sum(0.5 * ret ** 2 * mask, 1) / mask.sum(1))
