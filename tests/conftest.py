@@ -184,8 +184,12 @@ def smollm2(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2):
-    return smollm2.tokenizer
+def smollm2_tokenizer(smollm2_file):
+    """SmolLM2's tokenizer, as `load_pretrained` builds it (`BPETokenizer.from_gguf`), without
+    dequantizing the weights (~10 s) for the tests that need only the tokenizer."""
+    from jaxlearn.data.bpe_tokenizer import BPETokenizer
+
+    return BPETokenizer.from_gguf(smollm2_file)
 
 
 @pytest.fixture
