@@ -75,6 +75,9 @@ def test_grpo_step_on_eight_devices_equals_one_device():
     moved = 0.0
     for path, a in flat_paths(params).items():
         b = flat_paths(single_p)[path]
-        np.testing.assert_allclose(a, b, atol=5e-5, err_msg=path)
+        # Adam divides each gradient entry by its own scale, so an entry whose gradient is tiny moves by
+        # up to lr = 1e-2 on a float32 rounding difference of its reduction order (8 devices vs 1):
+        # seen 5.1e-5 on one of 16,384 entries; 2e-4 is still 1/50 of one full step
+        np.testing.assert_allclose(a, b, atol=2e-4, err_msg=path)
         moved = max(moved, float(np.abs(b - flat_paths(start)[path]).max()))
     assert moved > 1e-3  # the update changed the weights, so "close" compares two real updates
