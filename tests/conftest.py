@@ -326,8 +326,10 @@ SLOW_WITH_DEFAULT_COVER = {
         "tests/objectives/test_preference_objectives.py::test_peft_reference_ignores_the_adapter",
     "tests/train/test_train_seams.py::test_rollout_seam_samples_from_the_current_weights":
         "tests/objectives/test_grpo.py::test_rollout_logprobs_equal_a_teacher_forced_forward",
-    "tests/peft/test_multi_adapter.py::test_multi_adapter_batch_equals_per_example_loop[False]":
-        "tests/peft/test_multi_adapter.py::test_multi_adapter_batch_equals_per_example_loop[True]",
+    # many adapters in one batch == a per-example loop: the default suite checks it at the matmul
+    # seam (the XLA path every kernel is compared against); the whole-model runs go to slow
+    **{f"tests/peft/test_multi_adapter.py::test_multi_adapter_batch_equals_per_example_loop[{v}]":
+       "tests/kernels/test_multi_lora.py::test_multi_adapter_equals_per_example_loop[xla-None]" for v in ("False", "True")},
     "tests/train/test_train_seams.py::test_frozen_extra_model_head_and_row_feature_train_through_jaxlearn_train":
         "tests/train/test_extras_step.py::test_heads_train_teacher_frozen_and_extras_not_donated",
     "tests/objectives/test_chunked_loss.py::test_objective_with_loss_chunk_equals_whole_logits[True]":
@@ -336,8 +338,8 @@ SLOW_WITH_DEFAULT_COVER = {
         "tests/objectives/test_distill.py::test_zero_when_student_is_the_teacher[rkl-chunked]",
     "tests/objectives/test_ppo.py::test_a_reward_for_one_token_raises_its_probability":
         "tests/objectives/test_grpo.py::test_a_reward_for_one_token_raises_its_probability",
-    "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[partial]":
-        "tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[lora]",
+    **{f"tests/objectives/test_ppo.py::test_value_head_trains_and_the_frozen_base_does_not[{v}]":
+       "tests/train/test_extras_step.py::test_heads_train_teacher_frozen_and_extras_not_donated" for v in ("partial", "lora")},
     "tests/objectives/test_kl_to_base.py::test_chunked_head_gives_the_same_kl_and_gradients":
         "tests/objectives/test_kl_to_base.py::test_kl_to_base_is_exactly_zero_at_step_0_with_adapters_at_identity",
     "tests/objectives/test_kl_to_base.py::test_full_finetuning_reference_is_the_frozen_start_copy":
@@ -397,6 +399,13 @@ SLOW_WITH_DEFAULT_COVER = {
     # default suite checks what the runner relies on: a finished run resumed changes nothing
     "tests/continual/test_continual_runner.py::test_killed_sequence_resumes_to_the_same_matrix":
         "tests/train/test_resume_records.py::test_resume_of_a_finished_run_changes_nothing",
+    # fourth round: the penalties inside a compiled step (the math is checked on its own, and a
+    # Share step shows which leaves train); the chunked loss's sweep keeps its hardest case
+    "tests/continual/test_continual_step.py::test_ella_penalty_reaches_the_step_and_olora_reads_past_a":
+        "tests/peft/test_continual_math.py::test_ella_penalty_is_zero_on_the_first_task_and_its_gradient_zero_where_w_past_is_zero",
+    **{f"tests/objectives/test_chunked_loss.py::test_matches_whole_logits_values_and_gradients[{c}-{z}-{t}]":
+       "tests/objectives/test_chunked_loss.py::test_matches_whole_logits_values_and_gradients[7-0.01-True]"
+       for c in (4, 7, 64) for z in ("0.0", "0.01") for t in ("False", "True") if (c, z, t) != (7, "0.01", "True")},
 }
 
 
