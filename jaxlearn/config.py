@@ -475,6 +475,30 @@ def config_from_dict(data: dict, where: str = "") -> Config:
     return _build(Config, data, where)
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, example: str) -> dict:
+    """The YAML mapping in `path`; a missing file, bad YAML (with line and column), non-UTF-8 text
+    or a non-mapping is a ConfigError naming `what` (e.g. "recipe") and the file.
+
+    >>> read_yaml_mapping("missing.yaml", "recipe", "configs/x.yaml")   # doctest: +SKIP
+    ConfigError: recipe missing.yaml does not exist. Pass the path of a YAML file, e.g. configs/x.yaml.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist. Pass the path of a YAML file, e.g. {example}.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} {p} is not valid YAML ({loc.strip() or 'unknown place'}): "
+                          f"{getattr(e, 'problem', e)}. Fix the indentation or quoting there.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must be a YAML mapping of blocks (model:, data:, ...), got {type(data).__name__}.")
+    return data
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Load a YAML recipe, apply dotted overrides, and type-check everything.
 
@@ -482,22 +506,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     >>> cfg.train.steps
     3
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} does not exist. Pass the path of a YAML file, e.g. configs/pretrain_shakespeare.yaml.")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"recipe {p} is not valid YAML ({loc.strip() or 'unknown place'}): "
-                              f"{getattr(e, 'problem', e)}. Fix the indentation or quoting there.") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"recipe {p} is not UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {p} must be a YAML mapping of blocks (model:, data:, ...), got {type(data).__name__}.")
+    data = read_yaml_mapping(path, "recipe", "configs/pretrain_shakespeare.yaml") if path is not None else {}
     data = _merge(data, parse_overrides(list(overrides)))
     try:
         return config_from_dict(data)

