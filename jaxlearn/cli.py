@@ -6,6 +6,7 @@
     jaxlearn convert smollm2-135m-instruct out/smollm2-hf
     jaxlearn eval runs/shakespeare
     jaxlearn continual configs/continual_smollm2_wordnet.yaml continual.method=share
+    jaxlearn pipeline configs/pipeline_tiny.yaml
     jaxlearn compile configs/pod/llama3_8b_full_ft.yaml --topology v5p:4x4x4
     jaxlearn tokenizer train --source shakespeare --vocab-size 4096 --out tok.model
     jaxlearn data fetch shakespeare
@@ -42,6 +43,16 @@ def _cmd_continual(args) -> int:
     from jaxlearn.continual.runner import load_sequence, run_sequence
 
     run_sequence(load_sequence(args.sequence, args.overrides))
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    from jaxlearn.pipeline.runner import run_pipeline
+    from jaxlearn.pipeline.spec import describe, load_pipeline
+
+    spec = load_pipeline(args.pipeline, args.overrides)
+    print(describe(spec))
+    run_pipeline(spec)
     return 0
 
 
@@ -300,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("sequence", help="sequence YAML, e.g. configs/continual_smollm2_wordnet.yaml")
     cs.add_argument("overrides", nargs="*", help="dotted overrides, e.g. continual.method=ella train.steps=20")
     cs.set_defaults(fn=_cmd_continual)
+    pl = sub.add_parser("pipeline", help="chain stages (pretrain, SFT, DPO, safety, ...) weight to weight; report "
+                                         "the forgetting matrix after every stage")
+    pl.add_argument("pipeline", help="pipeline YAML, e.g. configs/pipeline_tiny.yaml")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pipeline.out_dir=runs/p train.steps=20")
+    pl.set_defaults(fn=_cmd_pipeline)
 
     cp = sub.add_parser("compile", help="ahead-of-time fit check of a recipe on a TPU topology (no TPU needed)")
     cp.add_argument("recipe", help="YAML recipe, e.g. configs/pod/llama3_8b_full_ft.yaml")

@@ -17,7 +17,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -49,6 +49,60 @@ def _positive(block: str, cfg: Any, *names: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE context extension, as in a Hugging Face config.json's `rope_scaling` (the field
+    names are transformers'). `none` is plain RoPE. `linear` divides every frequency by
+    `factor`; `llama3` (Llama 3.1+) divides only the low frequencies, blending in between;
+    `yarn` blends per frequency between interpolated and original (`beta_fast`/`beta_slow`)
+    and scales cos/sin by `attention_factor` (None: from factor, mscale, mscale_all_dim).
+    Fields a type does not use must keep their defaults. Example (recipe)::
+
+        model: {rope_scaling: {type: llama3, factor: 8, original_max_position_embeddings: 8192}}
+    """
+
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: float = 1.0
+    # llama3/yarn: the context length the model was pretrained at; 0: model.max_seq_len
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 0.0  # yarn, used only with mscale_all_dim (0: unset)
+    mscale_all_dim: float = 0.0  # yarn
+    attention_factor: float | None = None  # yarn: cos/sin scale; None: derived as transformers does
+    truncate: bool = True  # yarn: round the blend range to whole dimensions
+
+    # The fields each type reads; the others must keep their defaults (a typo would go unused).
+    _USES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "none": (), "linear": ("factor",),
+        "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+        "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "attention_factor", "truncate")}
+
+    def __post_init__(self):
+        key = "model.rope_scaling"
+        _check(f"{key}.type", self.type, self.type in self._USES,
+               f"use one of {', '.join(self._USES)} (transformers' dynamic, longrope, ... are not supported)")
+        for f in dataclasses.fields(self):
+            if f.name != "type" and f.name not in self._USES[self.type] and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{key}.{f.name} does not apply to rope_scaling.type {self.type!r}; remove it "
+                                  f"(it applies to {', '.join(t for t, u in self._USES.items() if f.name in u)}).")
+        _check(f"{key}.factor", self.factor, self.factor > 0, "use a positive scale such as 8")
+        _check(f"{key}.original_max_position_embeddings", self.original_max_position_embeddings,
+               self.original_max_position_embeddings >= 0,
+               "use the pretraining context length, or 0 for model.max_seq_len")
+        _check(f"{key}.low_freq_factor", self.low_freq_factor, 0 < self.low_freq_factor < self.high_freq_factor,
+               f"use a positive number below high_freq_factor={self.high_freq_factor}, e.g. 1")
+        _check(f"{key}.beta_slow", self.beta_slow, 0 < self.beta_slow <= self.beta_fast,
+               f"use a positive number no larger than beta_fast={self.beta_fast}, e.g. 1")
+        _check(f"{key}.mscale", self.mscale, self.mscale >= 0, "use a number >= 0 (0: unset)")
+        _check(f"{key}.mscale_all_dim", self.mscale_all_dim, self.mscale_all_dim >= 0, "use a number >= 0 (0: unset)")
+        _check(f"{key}.attention_factor", self.attention_factor,
+               self.attention_factor is None or self.attention_factor > 0, "use a positive number, or null")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder."""
 
@@ -75,6 +129,8 @@ class ModelConfig:
     # XLA on CPU; pallas = Pallas everywhere (CPU: interpret mode, slow); xla = never Pallas.
     kernels: Literal["auto", "pallas", "xla"] = "auto"
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
+    rope_scaling: RopeScalingConfig = RopeScalingConfig()  # RoPE context extension (Llama 3.1, YaRN, ...)
     # Start from pretrained weights: a preset name (smollm2-135m-instruct), a .gguf file or a
     # Hugging Face safetensors directory; empty: random init. See jaxlearn/models/presets.py.
     init_from: str = ""
@@ -103,6 +159,7 @@ class ModelConfig:
         attn = self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.d_model * self.d_ff
         layer = attn + mlp + 2 * self.d_model + (hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0)
+        layer += 2 * hd if self.qk_norm else 0
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.vocab_size * self.d_model + self.n_layers * layer + self.d_model + head
 
@@ -463,10 +520,15 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_mappings(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base`, nested mappings merged key by key (neither is changed).
+
+    >>> merge_mappings({"train": {"steps": 3, "log_every": 1}}, {"train": {"steps": 5}})
+    {'train': {'steps': 5, 'log_every': 1}}
+    """
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -507,7 +569,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     3
     """
     data = read_yaml_mapping(path, "recipe", "configs/pretrain_shakespeare.yaml") if path is not None else {}
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge_mappings(data, parse_overrides(list(overrides)))
     try:
         return config_from_dict(data)
     except ConfigError as e:

@@ -14,7 +14,8 @@ def test_there_are_recipes():
     # the README's first command and one recipe per method family
     assert {"pretrain_shakespeare.yaml", "sft_lora_smollm2_wordnet.yaml", "dpo_smollm2_wordnet.yaml",
             "distill_smollm2_brown.yaml", "grpo_smollm2_antonyms.yaml", "continual_smollm2_wordnet.yaml",
-            "safety_sft_smollm2.yaml"} <= names
+            "safety_sft_smollm2.yaml", "pipeline_tiny.yaml", "pipeline_smollm2_lora.yaml",
+            "pipeline_smollm2_full.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -26,6 +27,14 @@ def test_every_recipe_parses(path):
         assert len(spec.tasks) >= 2
         for i in range(len(spec.tasks)):
             assert isinstance(task_config(spec, i, "state.npz", resolve=False), Config)
+        return
+    if path.name.startswith("pipeline_"):  # stages: every stage's recipe is built and checked
+        from jaxlearn.pipeline.spec import load_pipeline, stage_config
+
+        spec = load_pipeline(path)
+        assert len(spec.stages) >= 3 and spec.columns
+        for i in range(len(spec.stages)):
+            assert isinstance(stage_config(spec, i, "tok.model"), Config)
         return
     cfg = load_config(path)
     assert isinstance(cfg, Config)

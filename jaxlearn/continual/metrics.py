@@ -84,54 +84,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def column_shades(rows: Sequence[Sequence[float]], higher_is_better: Sequence[bool]) -> list[list[float]]:
-    """Each column scaled to [0, 1] over the rows, 1 = the best score of that task (its metric's
-    direction). Why: the tasks' metrics have different units (exact match, NLL, perplexity), so
-    one colour scale for the whole matrix would only show the largest unit.
-
-    >>> column_shades([[0.0, 50.0], [0.3, 45.0]], [True, False])
-    [[0.0, 0.0], [1.0, 1.0]]
-    """
-    import numpy as np
-
-    m = np.asarray(rows, float)
-    o = np.where(np.asarray(higher_is_better, bool)[None, :], m, -m)
-    lo, hi = o.min(axis=0, keepdims=True), o.max(axis=0, keepdims=True)
-    return np.where(hi > lo, (o - lo) / np.where(hi > lo, hi - lo, 1.0), 0.5).tolist()
-
-
 def heatmap(report: dict, out: str | Path) -> Path:
     """The accuracy matrix as a PNG heatmap (rows: the base, then after task i; columns: task j),
-    written atomically. Cells show the raw scores; colours compare within a column (brighter is
-    better for that task: `column_shades`), so forgetting shows as a column darkening downwards."""
-    import matplotlib
+    written atomically; colours compare within a column (`jaxlearn.eval.heatmap.matrix_heatmap`)."""
+    from jaxlearn.eval.heatmap import matrix_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    out = Path(out)
     rows = [list(report["base"])] + [list(r) for r in report["matrix"]]
-    m = np.asarray(rows, float)
-    shade = np.asarray(column_shades(rows, report.get("higher_is_better", [True] * m.shape[1])))
-    fig, ax = plt.subplots(figsize=(1.4 * m.shape[1] + 2, 1.0 * m.shape[0] + 1.5))
-    im = ax.imshow(shade, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", color="k" if shade[i, j] > 0.6 else "w",
-                    fontsize=8)
-    arrows = ["higher better" if h else "lower better" for h in report.get("higher_is_better", [True] * m.shape[1])]
-    ax.set_xticks(range(m.shape[1]), [f"{t}\n{k}\n({a})" for t, k, a in zip(report["tasks"], report["metrics"], arrows)],
-                  fontsize=7)
-    ax.set_yticks(range(m.shape[0]), ["base (adapters off)"] + [f"after {t}" for t in report["tasks"]], fontsize=7)
-    ax.set_title(f"{report['method']}: score on task j after task i")
-    fig.colorbar(im, ax=ax, label="within-task rank (1 = best of the column)")
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return matrix_heatmap(rows, ["base (adapters off)"] + [f"after {t}" for t in report["tasks"]],
+                          [f"{t}\n{k}" for t, k in zip(report["tasks"], report["metrics"])],
+                          report.get("higher_is_better", [True] * len(report["tasks"])),
+                          f"{report['method']}: score on task j after task i", out)
 
 
 def write_reports(report: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxlearn.config import Config, ConfigError, config_from_dict, parse_overrides, read_yaml_mapping
+from jaxlearn.config import Config, ConfigError, config_from_dict, merge_mappings, parse_overrides, read_yaml_mapping
 from jaxlearn.continual import metrics as cmetrics
 from jaxlearn.continual.state import after_task, save_state, served, state_size
 from jaxlearn.continual.tasks import TaskSpec, builtin_task, evaluate_task, resolve_data
@@ -85,9 +85,7 @@ def load_sequence(path: str | Path, overrides: list[str] = ()) -> SequenceSpec:
     """
     p = Path(path)
     data = read_yaml_mapping(p, "sequence", "configs/continual_smollm2_wordnet.yaml")
-    from jaxlearn.config import _merge
-
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge_mappings(data, parse_overrides(list(overrides)))
     unknown = [k for k in data if k not in RECIPE_BLOCKS + ("continual",)]
     for k in unknown:
         hint = ("; the continual objective owns the adapters and objective (set their keys under `continual:`)"

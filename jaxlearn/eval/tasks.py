@@ -8,6 +8,7 @@
 | `humaneval` | HumanEval | greedy reply, executed with the tests in the sandbox | `pass@1` |
 | `perplexity:<corpus>` | eval split of `shakespeare` or `brown` | held-out text, no chat template | `perplexity` |
 | `probes:facts`, `probes:format` | WordNet general-knowledge and instruction-format probes (`jaxlearn/eval/probes.py`), no SFT training word | greedy reply: contains an accepted answer / passes a format check | `contains` / `follows` |
+| `file:<path>.jsonl[?shots=K&split=S]` | your own JSONL rows (`jaxlearn/eval/file_tasks.py`): generation or multiple choice, optional few-shot | greedy reply vs answers/regex, or log-likelihood of each choice | `exact_match` (generation; `pattern` if no row has answers) / `acc` (multiple choice) |
 | `safety` | held-out Do-Not-Answer prompts (disallowed) and allowed prompts: WordNet SFT tasks, everyday requests, harmless look-alikes (`jaxlearn/data/safety.py`) | greedy reply (max 48 new tokens) -> the phrase-matching refusal detector (`jaxlearn/eval/refusal.py`) | `refusal_rate` on disallowed (higher is safer), `false_refusal_rate` on allowed (lower is better); per risk area and per allowed kind too |
 
 `--limit N` takes a fixed sample of N examples (the smallest hashes of their ids), the same
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,16 +34,41 @@ from typing import Any
 from jaxlearn.data.corpora import stable_fraction
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.instruct import Example, load_examples
+from jaxlearn.eval import file_tasks
 from jaxlearn.eval.models import EvalModel, corpus_perplexity, generate_replies, reference_nll
 from jaxlearn.eval.probes import probe_runner
 from jaxlearn.eval.refusal import refusal_cue
 from jaxlearn.eval.scorers import execution_passes, exact_match, normalize_answer
 
-TASKS = ("antonyms", "definitions", "definitions_gen", "humaneval", "perplexity:<corpus>", "probes:facts",
-         "probes:format", "safety")
-HEADLINE = {"antonyms": "exact_match", "definitions": "nll_per_token", "definitions_gen": "token_f1",
-            "humaneval": "pass@1", "perplexity": "perplexity", "probes:facts": "contains", "probes:format": "follows",
-            "safety": "refusal_rate"}
+TASKS = ("antonyms", "definitions", "definitions_gen", "file:<path>.jsonl", "humaneval", "perplexity:<corpus>",
+         "probes:facts", "probes:format", "safety")
+
+
+class _Headlines(dict):
+    """Task name -> headline metric. A `file:` task's headline depends on its file (`acc` for
+    multiple choice, `exact_match` for generation), so it is read from the file when asked for;
+    the built-in names are plain keys, and `.get` works as on a dict (default if unknown or unreadable).
+
+    >>> h = _Headlines({"antonyms": "exact_match"})
+    >>> h["antonyms"], h.get("nope", ""), h.get("file:missing.jsonl", "")
+    ('exact_match', '', '')
+    """
+
+    def __missing__(self, key: str) -> str:
+        if file_tasks.is_file_task(key):
+            return file_tasks.headline(key)
+        raise KeyError(key)
+
+    def get(self, key, default=None):  # dict.get does not call __missing__
+        try:
+            return self[key]
+        except (KeyError, DataError):
+            return default
+
+
+HEADLINE = _Headlines({"antonyms": "exact_match", "definitions": "nll_per_token", "definitions_gen": "token_f1",
+                       "humaneval": "pass@1", "perplexity": "perplexity", "probes:facts": "contains",
+                       "probes:format": "follows", "safety": "refusal_rate"})
 
 
 @dataclasses.dataclass
@@ -226,11 +253,17 @@ def check_tasks(tasks: list[str]) -> None:
     >>> check_tasks(["antonym"])
     Traceback (most recent call last):
     ...
-    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, humaneval, perplexity:<corpus>, probes:facts, probes:format, safety (e.g. --tasks antonyms,definitions,perplexity:brown).
+    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, file:<path>.jsonl, humaneval, perplexity:<corpus>, probes:facts, probes:format, safety (e.g. --tasks antonyms,definitions,perplexity:brown).
+
+    A `file:` task's file is read and checked here too (every row), so a bad row stops the run
+    before the model loads.
     """
     if not tasks:
         raise DataError("no eval tasks given; pass e.g. --tasks antonyms,definitions,perplexity:brown.")
     for name in tasks:
+        if file_tasks.is_file_task(name):
+            file_tasks.check_file_task(name)
+            continue
         corpus = name.split(":", 1)[1] if name.startswith("perplexity:") else None
         if corpus is not None and corpus not in ("shakespeare", "brown"):
             raise DataError(f"unknown corpus in eval task {name!r}; use perplexity:brown or perplexity:shakespeare.")
@@ -252,6 +285,8 @@ def run_tasks(em: EvalModel, tasks: list[str], *, split: str = "test", limit: in
         t0 = time.perf_counter()
         if name.startswith("perplexity:"):
             metrics, rows = _perplexity(em, name.split(":", 1)[1], opts)
+        elif file_tasks.is_file_task(name):  # its rows carry their own splits (`?split=`), not `split`
+            metrics, rows = file_tasks.run_file_task(em, name, limit, opts)
         elif name in _RUNNERS:
             metrics, rows = _RUNNERS[name](em, split, limit, opts)
         else:
@@ -284,6 +319,17 @@ def markdown_table(results: list[TaskResult], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def examples_file_stem(name: str) -> str:
+    """The per-example file's name (no extension) for a task: one path component, no odd characters.
+
+    >>> examples_file_stem("perplexity:brown"), examples_file_stem("file:data/quiz.jsonl?shots=3")
+    ('perplexity_brown', 'file_data_quiz.jsonl_shots_3')
+    """
+    # Why: a `file:` task's name holds a path and options (`/`, `?`, `=`), which must not make
+    # directories or awkward file names under examples/. Built-in names map as before (`:` -> `_`).
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-150:] or "task"
+
+
 def write_report(results: list[TaskResult], em_description: dict, out_dir: str | Path, *, split: str,
                  limit: int | None) -> Path:
     """Write `results.json`, `results.md` and `examples/<task>.jsonl` (atomically) into `out_dir`.
@@ -300,7 +346,7 @@ def write_report(results: list[TaskResult], em_description: dict, out_dir: str |
     for r in results:
         if r.examples:
             text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in r.examples)
-            atomic_write_text(out / "examples" / f"{r.name.replace(':', '_')}.jsonl", text)
+            atomic_write_text(out / "examples" / f"{examples_file_stem(r.name)}.jsonl", text)
     d = em_description
     title = (f"{d['model']}" + (f" + adapter {d['adapter']}" if d.get("adapter") else "")
              + (" (adapters disabled)" if d.get("adapters_disabled") else "")

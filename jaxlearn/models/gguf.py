@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlearn.config import ModelConfig
+from jaxlearn.config import ModelConfig, RopeScalingConfig
 from jaxlearn.models.hf import CheckpointImportError, Imported, import_params, param_shardings
 from jaxlearn.sharding import Rules
 
@@ -131,6 +131,8 @@ def config_from_gguf(f: GGUFFile, base: ModelConfig | None = None) -> ModelConfi
         norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in f.tensors,
         qkv_bias=False,
+        qk_norm=False,
+        rope_scaling=RopeScalingConfig(),  # not a recipe's: scaled GGUF files are refused above
     )
 
 

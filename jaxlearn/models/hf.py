@@ -1,8 +1,10 @@
 """Hugging Face safetensors checkpoints in and out, for Llama-family models.
 
-Supported: `LlamaForCausalLM` (Llama 2/3 without rope scaling, SmolLM2), `MistralForCausalLM`
-(GQA; a sliding window caps `max_seq_len` at the window, where full attention equals it) and
-`Qwen2ForCausalLM` (q/k/v biases, `model.qkv_bias`). Example::
+Supported: `LlamaForCausalLM` (Llama 2/3/3.1+, SmolLM2), `MistralForCausalLM` (GQA; a sliding
+window caps `max_seq_len` at the window, where full attention equals it), `Qwen2ForCausalLM`
+(q/k/v biases, `model.qkv_bias`) and `Qwen3ForCausalLM` (per-head q/k RMSNorm, `model.qk_norm`).
+RoPE scaling (`rope_scaling` in config.json) of type linear, llama3 or yarn becomes
+`model.rope_scaling` and is written back on export. Example::
 
     imp = load_hf("path/to/hf_dir", mesh=mesh, rules=rules)   # params land in their shardings
     imp.cfg, imp.params, imp.report.summary()
@@ -15,6 +17,7 @@ How a jaxlearn leaf relates to a Hugging Face tensor W (stored [out, in]):
                                                      interleaved RoPE (see `rope_permutation`)
     attn/o/kernel            [heads, hd, embed]    = W.T reshaped
     attn/{q,k,v}_bias        [heads, hd]           = b reshaped (Qwen2)
+    attn/{q,k}_norm/scale    [hd]                  = w; rows permuted like q/k's (Qwen3)
     mlp/{gate,up,down}/kernel, lm_head/kernel      = W.T
     *_norm/scale, final_norm/scale                 = w
 
@@ -38,7 +41,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxlearn.config import ModelConfig
+from jaxlearn.config import ConfigError, ModelConfig, RopeScalingConfig
 from jaxlearn.models.transformer import Transformer, abstract_params
 from jaxlearn.sharding import Rules, tree_shardings
 
@@ -101,6 +104,8 @@ _LAYER_TENSORS = (
     (("attn", "q_bias"), "self_attn.q_proj.bias", "heads_vector"),
     (("attn", "k_bias"), "self_attn.k_proj.bias", "heads_vector"),
     (("attn", "v_bias"), "self_attn.v_proj.bias", "heads_vector"),
+    (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", "head_dim_vector"),
+    (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", "head_dim_vector"),
     (("mlp_norm", "scale"), "post_attention_layernorm.weight", "vector"),
     (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", "dense"),
     (("mlp", "up", "kernel"), "mlp.up_proj.weight", "dense"),
@@ -113,8 +118,10 @@ _GLOBAL_TENSORS = (
 )
 # Present in some checkpoints, never needed (RoPE tables are recomputed).
 _BENIGN_UNUSED = re.compile(r".*rotary_emb\.inv_freq$")
-# q and k (and their biases) carry RoPE pairs, so their rows follow the RoPE layout.
-_ROPE_ROWS = {("attn", "q", "kernel"), ("attn", "k", "kernel"), ("attn", "q_bias"), ("attn", "k_bias")}
+# q and k (and their biases, and the per-head norm scales that multiply them) carry RoPE
+# pairs, so their rows follow the RoPE layout.
+_ROPE_ROWS = {("attn", "q", "kernel"), ("attn", "k", "kernel"), ("attn", "q_bias"), ("attn", "k_bias"),
+              ("attn", "q_norm", "scale"), ("attn", "k_norm", "scale")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +130,7 @@ class _Leaf:
 
     path: tuple[str, ...]  # the full path in the parameter tree
     hf: str | tuple[str, ...]  # one HF name, or one per layer (stacked leaf, layers first)
-    kind: str  # vector | dense | heads_in | heads_out | heads_vector
+    kind: str  # vector | dense | heads_in | heads_out | heads_vector | head_dim_vector
     rope_rows: bool  # q/k rows: permuted when source and target RoPE layouts differ
 
 
@@ -155,7 +162,7 @@ def _leaves(cfg: ModelConfig, paths: Iterable[tuple[str, ...]]) -> dict[tuple[st
 
 def _hf_shape(leaf: _Leaf, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF shape (one layer) that a leaf shape (one layer) implies."""
-    if leaf.kind == "vector":
+    if leaf.kind in ("vector", "head_dim_vector"):
         return leaf_shape
     if leaf.kind == "dense":
         return leaf_shape[::-1]
@@ -201,6 +208,9 @@ def _read_layer(src: TensorSource, name: str, leaf: _Leaf, idx: tuple[slice, ...
         return src.read(name, idx)
     if kind == "dense":  # leaf[i, o] = W[o, i]
         return src.read(name, (idx[1], idx[0])).T
+    if kind == "head_dim_vector":  # one scale per head_dim row: read it whole (tiny), permute, cut
+        w = src.read(name, (slice(0, hd),))
+        return (w[perm] if perm is not None else w)[idx[0]]
     # Head-shaped tensors: read whole heads (rows h0*hd .. h1*hd), permute, then cut head_dim.
     heads = idx[0] if kind in ("heads_out", "heads_vector") else idx[1]
     rows = slice(heads.start * hd, heads.stop * hd)
@@ -297,7 +307,101 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules) -> 
 # --------------------------------------------------------------------------------------------
 # Hugging Face config.json
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # transformers' rope_type names jaxlearn computes
+
+
+def rope_scaling_from_hf(hf: dict) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, `model.rope_scaling`) of a Hugging Face config.json dict, read as transformers
+    reads it: `rope_scaling` (older files) or `rope_parameters` (transformers 5), the type under
+    `rope_type` or `type`, and `original_max_position_embeddings` defaulting to the top-level
+    one, else `max_position_embeddings`. Unsupported types and bad values raise
+    `CheckpointImportError` naming them.
+
+    >>> rope_scaling_from_hf({"rope_theta": 5e5, "max_position_embeddings": 131072, "rope_scaling": {
+    ...     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    ...     "original_max_position_embeddings": 8192}})[1].type
+    'llama3'
+    """
+    # transformers: `rope_scaling`, when present, replaces `rope_parameters`.
+    rp = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(rp.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+                  or hf.get("rope_theta") or 10000.0)
+    if any(isinstance(v, dict) for v in rp.values()):
+        nested = ", ".join(k for k, v in rp.items() if isinstance(v, dict))
+        raise CheckpointImportError(f"per-layer-type rope parameters ({nested}) are not supported; jaxlearn "
+                                    f"uses one RoPE for every layer.")
+    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointImportError(f"partial_rotary_factor {partial!r} (partial RoPE) is not supported.")
+    rope_type = rp.get("rope_type") or rp.get("type") or "default"
+    if rope_type not in _ROPE_TYPES:
+        raise CheckpointImportError(f"rope scaling {rope_type!r} is not supported; jaxlearn imports rope types "
+                                    f"{', '.join(_ROPE_TYPES)} (rope_scaling in config.json).")
+    if rope_type == "default":
+        return theta, RopeScalingConfig()
+    # As transformers: a top-level original_max_position_embeddings wins (Phi-3 style files).
+    original = hf.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings") \
+        or hf.get("max_position_embeddings")
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "yarn": ()}[rope_type]
+    missing = [k for k in required if rp.get(k) is None]
+    if missing:
+        raise CheckpointImportError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in rope_scaling "
+                                    f"(config.json); transformers cannot run it without them either.")
+    if rope_type != "linear" and not original:
+        raise CheckpointImportError(f"rope scaling {rope_type!r} needs original_max_position_embeddings (or "
+                                    f"max_position_embeddings) in config.json.")
+    try:
+        if rope_type == "linear":
+            kw = dict(factor=float(rp["factor"]))
+        elif rope_type == "llama3":
+            kw = dict(factor=float(rp["factor"]), low_freq_factor=float(rp["low_freq_factor"]),
+                      high_freq_factor=float(rp["high_freq_factor"]), original_max_position_embeddings=int(original))
+        else:
+            factor = rp.get("factor")
+            if factor is None:  # transformers (DeepSeek-V3 style): the ratio of the two context lengths
+                factor = hf.get("max_position_embeddings", original) / original
+            attention_factor = rp.get("attention_factor")
+            # `or` as in transformers: a null or 0 means the paper's default.
+            kw = dict(factor=float(factor), original_max_position_embeddings=int(original),
+                      beta_fast=float(rp.get("beta_fast") or 32.0), beta_slow=float(rp.get("beta_slow") or 1.0),
+                      mscale=float(rp.get("mscale") or 0.0), mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0),
+                      attention_factor=None if attention_factor is None else float(attention_factor),
+                      truncate=bool(rp.get("truncate", True)))
+        return theta, RopeScalingConfig(type=rope_type, **kw)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointImportError(f"rope_scaling in config.json does not convert: {e}") from None
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict | None:
+    """The config.json `rope_scaling` of `cfg.model.rope_scaling` (None for plain RoPE), in the
+    form Llama 3.1 and Qwen files use (`rope_type`), which transformers 4.43+ and 5 both read.
+
+    >>> rope_scaling_to_hf(ModelConfig(rope_scaling=RopeScalingConfig(type="linear", factor=2.0)))
+    {'rope_type': 'linear', 'factor': 2.0}
+    """
+    rs = cfg.rope_scaling
+    if rs.type == "none":
+        return None
+    out = {"rope_type": rs.type, "factor": rs.factor}
+    if rs.type in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = rs.original_max_position_embeddings or cfg.max_seq_len
+    if rs.type == "llama3":
+        out.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+    if rs.type == "yarn":
+        out.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow)
+        # Optional keys only when set, so older transformers see no key they do not know.
+        if rs.mscale:
+            out["mscale"] = rs.mscale
+        if rs.mscale_all_dim:
+            out["mscale_all_dim"] = rs.mscale_all_dim
+        if rs.attention_factor is not None:
+            out["attention_factor"] = rs.attention_factor
+        if not rs.truncate:
+            out["truncate"] = False
+    return out
 
 
 def config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
@@ -319,15 +423,9 @@ def config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
     if hf.get("mlp_bias") or (model_type != "qwen2" and hf.get("attention_bias")):
         raise CheckpointImportError("checkpoints with mlp_bias or attention_bias (bias on o_proj too) are not "
                                     "supported; jaxlearn has q/k/v biases only (Qwen2).")
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointImportError(f"rope scaling {rope_type!r} is not supported; only plain RoPE "
-                                    f"(no rope_scaling) imports.")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise CheckpointImportError("Qwen2 with use_sliding_window=true is not supported.")
+    theta, rope_scaling = rope_scaling_from_hf(hf)
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise CheckpointImportError(f"{model_type} with use_sliding_window=true is not supported.")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     max_len = hf.get("max_position_embeddings", base.max_seq_len)
@@ -345,16 +443,26 @@ def config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
         head_dim=None if head_dim == hf["hidden_size"] // heads else head_dim,
         d_ff=hf["intermediate_size"],
         max_seq_len=max_len,
-        rope_theta=float(theta),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
     )
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32", token_ids: dict | None = None) -> dict:
-    """A Hugging Face `config.json` dict for `cfg` (LlamaForCausalLM, or Qwen2 with q/k/v bias)."""
-    model_type = "qwen2" if cfg.qkv_bias else "llama"
+    """A Hugging Face `config.json` dict for `cfg`: LlamaForCausalLM, Qwen2 with q/k/v bias, or
+    Qwen3 with q/k norm; `rope_scaling` from `cfg.rope_scaling`.
+
+    >>> config_to_hf(ModelConfig(qk_norm=True))["architectures"]
+    ['Qwen3ForCausalLM']
+    """
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise ValueError("model.qkv_bias and model.qk_norm together have no Hugging Face architecture "
+                         "(Qwen2 has the biases, Qwen3 the norms); export one or the other.")
+    model_type = "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
     out = {
         "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -368,7 +476,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", token_ids: dict | Non
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
@@ -379,6 +487,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", token_ids: dict | Non
         out.update(attention_bias=False, mlp_bias=False)
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    if model_type == "qwen3":
+        out.update(attention_bias=False)
     out.update({k: v for k, v in (token_ids or {}).items() if v is not None})
     return out
 
@@ -468,6 +578,8 @@ def _layer_to_hf(leaf: _Leaf, arr: np.ndarray, perm: np.ndarray | None) -> np.nd
         return arr
     if leaf.kind == "dense":
         return arr.T
+    if leaf.kind == "head_dim_vector":
+        return arr[perm] if perm is not None else arr
     if leaf.kind == "heads_in":  # [e, h, d] -> [h*d, e]
         w = arr.transpose(1, 2, 0)
         w = w[:, perm] if perm is not None else w

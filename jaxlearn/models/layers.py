@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlearn.config import RopeScalingConfig
 from jaxlearn.models.lora_linear import LORA_T_NAME, augmented_wins, lora_linear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -248,17 +250,93 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float, style: str) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None,
+                     max_seq_len: int = 0) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [head_dim/2] float32, cos/sin scale) of RoPE with `scaling`, the same
+    numbers transformers' `ROPE_INIT_FUNCTIONS` give (`_compute_{linear_scaling,llama3,yarn}_parameters`).
+    `max_seq_len` stands in for `original_max_position_embeddings` when that is 0.
+
+    Computed on the host in NumPy: the config is static, so the table is a constant of the
+    compiled program, not work done every step.
+
+    >>> inv, scale = rope_frequencies(4, 10000.0, RopeScalingConfig(type="linear", factor=2.0))
+    >>> inv.tolist(), scale
+    ([0.5, 0.004999999888241291], 1.0)
+    """
+    # float32 as transformers computes it, so the exact-match tests see the same rounding.
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    kind = "none" if scaling is None else scaling.type
+    if kind == "none":
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if kind == "linear":  # position interpolation: positions / factor, i.e. frequencies / factor
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    original = scaling.original_max_position_embeddings or max_seq_len
+    if original <= 0:
+        raise ValueError(f"rope_scaling {kind!r} needs original_max_position_embeddings (or max_seq_len) > 0.")
+    if kind == "llama3":
+        # Wavelengths shorter than original/high_freq_factor are kept (local detail), longer than
+        # original/low_freq_factor are stretched by `factor` (they never completed a turn in
+        # pretraining); in between, a linear blend in 1/wavelength.
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        out = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+        return np.where(medium, smoothed, out).astype(np.float32), 1.0
+    if kind == "yarn":
+        def get_mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = scaling.attention_factor
+        if attn is None:  # transformers: the mscale ratio only when both are set, else from factor
+            if scaling.mscale and scaling.mscale_all_dim:
+                attn = get_mscale(factor, scaling.mscale) / get_mscale(factor, scaling.mscale_all_dim)
+            else:
+                attn = get_mscale(factor)
+
+        def correction_dim(rotations):  # the dimension that turns `rotations` times in `original` tokens
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001  # as transformers: avoid a zero-width ramp
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+        pos_freqs = np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+        extrapolation = 1 - ramp  # 1: keep the original frequency (fast dims), 0: interpolate (slow dims)
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv.astype(np.float32), float(attn)
+    raise ValueError(f"unknown rope_scaling type {kind!r}; use none, linear, llama3 or yarn.")
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float, style: str,
+         scaling: RopeScalingConfig | None = None, max_seq_len: int = 0) -> jax.Array:
     """Rotary position embedding.
 
     `rotate_half` (Hugging Face Llama layout) rotates the pair (i, i + H/2); `interleaved`
-    (the original RoFormer / GGUF layout) rotates the pair (2i, 2i + 1).
+    (the original RoFormer / GGUF layout) rotates the pair (2i, 2i + 1). `scaling` (see
+    `rope_frequencies`) changes the frequencies and may scale cos/sin.
+
+    >>> rope(jnp.ones((1, 3, 2, 8)), jnp.arange(3)[None], 10000.0, "rotate_half").shape
+    (1, 3, 2, 8)
     """
     h = x_btnh.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    if scaling is None or scaling.type == "none":
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+        attn_scale = 1.0
+    else:
+        inv_np, attn_scale = rope_frequencies(h, theta, scaling, max_seq_len)
+        inv_freq = jnp.asarray(inv_np)
     angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
+    if attn_scale != 1.0:  # YaRN: transformers scales cos and sin, so q.k grows by attn_scale**2
+        sin, cos = sin * attn_scale, cos * attn_scale
     x = x_btnh.astype(jnp.float32)
     if style == "rotate_half":
         x1, x2 = x[..., : h // 2], x[..., h // 2:]

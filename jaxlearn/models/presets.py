@@ -69,7 +69,7 @@ def load_pretrained(spec: str | os.PathLike, base: ModelConfig | None = None, *,
 
 # Architecture fields a recipe's model block must share with the checkpoint it starts from.
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "resolved_head_dim", "d_ff",
-                "tie_embeddings", "qkv_bias", "rope_theta", "norm_eps")
+                "tie_embeddings", "qkv_bias", "qk_norm", "rope_theta", "rope_scaling", "norm_eps")
 
 
 def init_params(model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> Any:

@@ -15,6 +15,7 @@ Parameter paths (with `scan_layers`, every layer weight has a leading `layers` a
     layers/attn/{q,k,v}/kernel           [layers, embed, heads|kv_heads, head_dim]
     layers/attn/o/kernel                 [layers, heads, head_dim, embed]
     layers/attn/{q,k,v}_bias             [layers, heads|kv_heads, head_dim]   (only with qkv_bias)
+    layers/attn/{q,k}_norm/scale         [layers, head_dim]                   (only with qk_norm)
     layers/mlp_norm/scale                [layers, embed]
     layers/mlp/{gate,up}/kernel          [layers, embed, mlp]
     layers/mlp/down/kernel               [layers, mlp, embed]
@@ -60,10 +61,13 @@ class Attention(nn.Module):
             q = q + bias("q_bias", ("heads", "head_dim"), cfg.n_heads)
             k = k + bias("k_bias", ("kv_heads", "head_dim"), cfg.n_kv_heads)
             v = v + bias("v_bias", ("kv_heads", "head_dim"), cfg.n_kv_heads)
-        q = constrain(self.shard, rope(q, positions_bt, cfg.rope_theta, cfg.rope_style),
-                      ("act_batch", "act_seq", "act_heads", None))
-        k = constrain(self.shard, rope(k, positions_bt, cfg.rope_theta, cfg.rope_style),
-                      ("act_batch", "act_seq", "act_kv_heads", None))
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's head_dim of q and k, after bias, before RoPE
+            q = RMSNorm(cfg.norm_eps, dtype=dt, param_dtype=pdt, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, dtype=dt, param_dtype=pdt, name="k_norm")(k)
+        pos_emb = lambda x: rope(x, positions_bt, cfg.rope_theta, cfg.rope_style,  # noqa: E731
+                                 cfg.rope_scaling, cfg.max_seq_len)
+        q = constrain(self.shard, pos_emb(q), ("act_batch", "act_seq", "act_heads", None))
+        k = constrain(self.shard, pos_emb(k), ("act_batch", "act_seq", "act_kv_heads", None))
         v = constrain(self.shard, v, ("act_batch", "act_seq", "act_kv_heads", None))
         new_cache = None
         if layer_cache is not None:

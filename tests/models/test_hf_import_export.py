@@ -157,8 +157,9 @@ def test_missing_unused_and_misshapen_tensors_are_named(tiny_llama, tmp_path):
 def test_unsupported_configs_are_refused():
     base = dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                 num_attention_heads=2)
-    with pytest.raises(CheckpointImportError, match="rope scaling 'llama3'"):
-        config_from_hf(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    with pytest.raises(CheckpointImportError, match="rope scaling 'dynamic' is not supported; jaxlearn imports "
+                                                    "rope types default, linear, llama3, yarn"):
+        config_from_hf(dict(base, rope_scaling={"rope_type": "dynamic", "factor": 8.0}))
     with pytest.raises(CheckpointImportError, match="model_type 'gpt2'"):
         config_from_hf(dict(base, model_type="gpt2"))
     with pytest.raises(CheckpointImportError, match="attention_bias"):
