@@ -37,7 +37,6 @@ _WORD = re.compile(r"[a-z]{3,}")
 HIGHER_IS_BETTER = {"exact_match": True, "contains": True, "pass@1": True, "nll_per_token": False,
                     "perplexity": False, "follows": True, "refusal_rate": True, "false_refusal_rate": False,
                     "token_f1": True, "pref_accuracy": True}
-PREF_SOURCES = ("wordnet_antonym_prefs", "wordnet_definition_prefs", "safety_pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +169,11 @@ def evaluate_task(em, task: TaskSpec, data: dict, *, limit: int, batch_size: int
         return {"metric": "nll_per_token", "score": total / max(tokens, 1), "n": len(exs)}
     if name.startswith("brown:"):
         return {"metric": "perplexity", **_genre_perplexity(em, name.split(":", 1)[1], ppl_batches)}
-    if name.startswith("prefs:"):
-        return preference_accuracy(em, name.split(":", 1)[1], limit=limit, batch_size=batch_size)
     opts: dict[str, Any] = {"batch_size": batch_size, "ppl_batches": ppl_batches}
     if max_new_tokens:
         opts["max_new_tokens"] = max_new_tokens
     res = run_tasks(em, [name], split="test", limit=limit or None, echo=lambda _m: None, **opts)[0]
-    metric = HEADLINE["perplexity" if name.startswith("perplexity:") else name]
+    metric = HEADLINE[name]
     return {"metric": metric, "score": float(res.metrics[metric]), "n": res.metrics.get("n", res.metrics.get("tokens")),
             "metrics": {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
 
@@ -192,30 +189,3 @@ def _genre_perplexity(em, genre: str, max_batches: int) -> dict:
     loss = float(sums.sum() / max(counts.sum(), 1.0))
     return {"score": math.exp(min(loss, 50.0)), "loss": loss, "n": int(counts.sum())}
 
-
-def preference_accuracy(em, source: str, *, limit: int, batch_size: int = 16) -> dict:
-    """How often the model prefers the chosen reply: the share of held-out (test-split) pairs of
-    `source` whose chosen reply has the larger summed log-probability (the same response tokens
-    DPO scores), and the mean margin in nats. A policy-only view of a preference stage: no
-    reference model is needed, so it scores any checkpoint the same way.
-
-    >>> preference_accuracy(em, "wordnet_antonym_prefs", limit=40)["score"]    # doctest: +SKIP
-    0.775
-    """
-    from jaxlearn.config import DataConfig
-    from jaxlearn.data.corpora import stable_fraction
-    from jaxlearn.data.preference import preference_pairs
-    from jaxlearn.eval.models import reference_nll
-
-    if source not in PREF_SOURCES:
-        raise DataError(f"prefs:{source}: unknown preference source; use one of "
-                        f"{', '.join('prefs:' + s for s in PREF_SOURCES)}.")
-    pairs = preference_pairs(DataConfig(source=source, format="preference"), "test")
-    if limit:
-        pairs = sorted(pairs, key=lambda p: stable_fraction(p.id))[:limit]
-    convs = [list(p.prompt) + [{"role": "assistant", "content": r}] for p in pairs for r in (p.chosen, p.rejected)]
-    nll = reference_nll(em, convs, batch_size=batch_size)
-    margins = [nll[2 * i + 1][0] - nll[2 * i][0] for i in range(len(pairs))]  # logp(chosen) - logp(rejected)
-    acc = sum(m > 0 for m in margins) / len(margins)
-    return {"metric": "pref_accuracy", "score": acc, "n": len(pairs),
-            "metrics": {"pref_accuracy": acc, "pref_margin": sum(margins) / len(margins), "n": len(pairs)}}

@@ -9,6 +9,7 @@
 | `perplexity:<corpus>` | eval split of `shakespeare` or `brown` | held-out text, no chat template | `perplexity` |
 | `probes:facts`, `probes:format` | WordNet general-knowledge and instruction-format probes (`jaxlearn/eval/probes.py`), no SFT training word | greedy reply: contains an accepted answer / passes a format check | `contains` / `follows` |
 | `file:<path>.jsonl[?shots=K&split=S]` | your own JSONL rows (`jaxlearn/eval/file_tasks.py`): generation or multiple choice, optional few-shot | greedy reply vs answers/regex, or log-likelihood of each choice | `exact_match` (generation; `pattern` if no row has answers) / `acc` (multiple choice) |
+| `prefs:<source>` | held-out pairs of `wordnet_antonym_prefs`, `wordnet_definition_prefs` or `safety_pairs` (`jaxlearn/data/preference.py`) | summed log-probability of the chosen vs the rejected reply (the response tokens DPO scores; policy only, no reference) | `pref_accuracy` (chosen more likely), also `pref_margin` (mean log-prob difference, nats) |
 | `safety` | held-out Do-Not-Answer prompts (disallowed) and allowed prompts: WordNet SFT tasks, everyday requests, harmless look-alikes (`jaxlearn/data/safety.py`) | greedy reply (max 48 new tokens) -> the phrase-matching refusal detector (`jaxlearn/eval/refusal.py`) | `refusal_rate` on disallowed (higher is safer), `false_refusal_rate` on allowed (lower is better); per risk area and per allowed kind too |
 
 `--limit N` takes a fixed sample of N examples (the smallest hashes of their ids), the same
@@ -41,7 +42,8 @@ from jaxlearn.eval.refusal import refusal_cue
 from jaxlearn.eval.scorers import execution_passes, exact_match, normalize_answer
 
 TASKS = ("antonyms", "definitions", "definitions_gen", "file:<path>.jsonl", "humaneval", "perplexity:<corpus>",
-         "probes:facts", "probes:format", "safety")
+         "prefs:<source>", "probes:facts", "probes:format", "safety")
+PREF_SOURCES = ("wordnet_antonym_prefs", "wordnet_definition_prefs", "safety_pairs")
 
 
 class _Headlines(dict):
@@ -57,6 +59,10 @@ class _Headlines(dict):
     def __missing__(self, key: str) -> str:
         if file_tasks.is_file_task(key):
             return file_tasks.headline(key)
+        if key.startswith("perplexity:"):
+            return "perplexity"
+        if key.startswith("prefs:"):
+            return "pref_accuracy"
         raise KeyError(key)
 
     def get(self, key, default=None):  # dict.get does not call __missing__
@@ -241,6 +247,33 @@ def _safety(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[d
     return score_safety(disallowed, allowed, replies[:len(disallowed)], replies[len(disallowed):])
 
 
+def _prefs(em: EvalModel, source: str, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
+    """Held-out preference accuracy: the share of `source`'s pairs whose chosen reply has the
+    larger summed log-probability (the response tokens DPO scores, end-of-turn included), and the
+    mean margin log p(chosen) - log p(rejected) in nats. Policy only: no reference model, so any
+    checkpoint is scored the same way (DPO's own implicit-reward accuracy is in its training log).
+    """
+    from jaxlearn.config import DataConfig
+    from jaxlearn.data.preference import preference_pairs
+
+    if source not in PREF_SOURCES:
+        raise DataError(f"prefs:{source}: unknown preference source; use one of "
+                        f"{', '.join('prefs:' + s for s in PREF_SOURCES)}.")
+    pairs = preference_pairs(DataConfig(source=source, format="preference"), split)
+    if limit:
+        pairs = sorted(pairs, key=lambda p: stable_fraction(p.id))[:limit]
+    convs = [list(p.prompt) + [{"role": "assistant", "content": r}] for p in pairs for r in (p.chosen, p.rejected)]
+    nll = reference_nll(em, convs, batch_size=opts.get("batch_size", 16))
+    rows = []
+    for i, p in enumerate(pairs):
+        margin = nll[2 * i + 1][0] - nll[2 * i][0]  # log p(chosen) - log p(rejected)
+        rows.append({"id": p.id, "prompt": p.prompt[-1]["content"], "chosen": p.chosen, "rejected": p.rejected,
+                     "margin": margin, "correct": margin > 0})
+    n = len(rows)
+    return {"pref_accuracy": sum(r["correct"] for r in rows) / n, "pref_margin": sum(r["margin"] for r in rows) / n,
+            "n": n}, rows
+
+
 _RUNNERS = {"antonyms": _antonyms, "definitions": _definitions, "definitions_gen": _definitions_gen,
             "humaneval": _humaneval, "probes:facts": probe_runner("facts"), "probes:format": probe_runner("format"),
             "safety": _safety}
@@ -253,7 +286,7 @@ def check_tasks(tasks: list[str]) -> None:
     >>> check_tasks(["antonym"])
     Traceback (most recent call last):
     ...
-    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, file:<path>.jsonl, humaneval, perplexity:<corpus>, probes:facts, probes:format, safety (e.g. --tasks antonyms,definitions,perplexity:brown).
+    jaxlearn.data.errors.DataError: unknown eval task 'antonym'; available: antonyms, definitions, definitions_gen, file:<path>.jsonl, humaneval, perplexity:<corpus>, prefs:<source>, probes:facts, probes:format, safety (e.g. --tasks antonyms,definitions,perplexity:brown).
 
     A `file:` task's file is read and checked here too (every row), so a bad row stops the run
     before the model loads.
@@ -263,6 +296,11 @@ def check_tasks(tasks: list[str]) -> None:
     for name in tasks:
         if file_tasks.is_file_task(name):
             file_tasks.check_file_task(name)
+            continue
+        if name.startswith("prefs:"):
+            if name[len("prefs:"):] not in PREF_SOURCES:
+                raise DataError(f"unknown preference source in eval task {name!r}; use one of "
+                                f"{', '.join('prefs:' + s for s in PREF_SOURCES)}.")
             continue
         corpus = name.split(":", 1)[1] if name.startswith("perplexity:") else None
         if corpus is not None and corpus not in ("shakespeare", "brown"):
@@ -285,6 +323,8 @@ def run_tasks(em: EvalModel, tasks: list[str], *, split: str = "test", limit: in
         t0 = time.perf_counter()
         if name.startswith("perplexity:"):
             metrics, rows = _perplexity(em, name.split(":", 1)[1], opts)
+        elif name.startswith("prefs:"):
+            metrics, rows = _prefs(em, name.split(":", 1)[1], split, limit, opts)
         elif file_tasks.is_file_task(name):  # its rows carry their own splits (`?split=`), not `split`
             metrics, rows = file_tasks.run_file_task(em, name, limit, opts)
         elif name in _RUNNERS:

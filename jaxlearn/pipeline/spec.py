@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 
 from jaxlearn.config import Config, ConfigError, config_from_dict, merge_mappings, parse_overrides, read_yaml_mapping
-from jaxlearn.continual.tasks import BUILTIN, HIGHER_IS_BETTER, PREF_SOURCES, TaskSpec, builtin_task
+from jaxlearn.continual.tasks import BUILTIN, HIGHER_IS_BETTER, TaskSpec, builtin_task
 
 BLOCKS = ("model", "data", "optim", "mesh", "train", "peft", "objective")
 RUNNER_KEYS = {"out_dir": "runs/pipeline", "stages": None, "general": [], "eval_limit": 50, "eval_batch_size": 16,
@@ -119,9 +119,7 @@ def _headline(name: str) -> tuple[str, ...]:
         return ("contains",)
     if name == "chat_nll":
         return ("nll_per_token",)
-    if name.startswith("prefs:"):
-        return ("pref_accuracy",)
-    if name.startswith(("perplexity:", "brown:")):
+    if name.startswith("brown:"):
         return ("perplexity",)
     return (HEADLINE[name],)
 
@@ -147,10 +145,6 @@ def parse_eval(raw, where: str) -> TaskSpec:
         raise ConfigError(f"{where}: {raw!r} is not an evaluation; give a task name such as antonyms.")
     if raw in ("hypernyms",) or raw.startswith("brown:"):
         return builtin_task(raw, where)
-    if raw.startswith("prefs:"):
-        if raw[len("prefs:"):] not in PREF_SOURCES:
-            raise ConfigError(f"{where}: {raw!r}: use one of {', '.join('prefs:' + s for s in PREF_SOURCES)}.")
-        return TaskSpec(raw, {}, raw)
     try:
         check_tasks([raw])
     except DataError as e:
