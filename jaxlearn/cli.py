@@ -240,6 +240,7 @@ def _cmd_adapters_merge(args) -> int:
     from jaxlearn.config import ConfigError
     from jaxlearn.models.hf import save_hf
     from jaxlearn.peft.merge import adapter_leaves, merge
+    from jaxlearn.peft.quantize import quantized_format
     from jaxlearn.run import open_run
 
     run = open_run(args.run)
@@ -249,10 +250,17 @@ def _cmd_adapters_merge(args) -> int:
                "nothing to merge; use the run directory as it is") if method == "none" else (
                f"its {method} adapters are not a change of the weights and cannot be folded into them")
         raise ConfigError(f"cannot merge {args.run}: {why}. `adapters merge` folds {', '.join(MERGEABLE)} adapters.")
-    merged = merge(run.params)
+    # QLoRA: the int8/NF4 base is dequantised (to the model's param dtype) before the fold, so
+    # the merged model is a float one; say so, since the quantized memory saving is gone.
+    fmt = quantized_format(run.params)
+    dtype = run.cfg.model.param_dtype
+    merged = merge(run.params, dtype=dtype)
     tok = run.tokenizer if hasattr(run.tokenizer, "hf_token_ids") else None
     out = save_hf(merged, run.cfg.model, args.out, tokenizer=tok)
     print(f"merged {run.cfg.peft.type} adapters of {args.run} (step {run.step}) into {out}")
+    if fmt:
+        print(f"the base was stored {fmt} (QLoRA, peft.quantize={fmt}): it was dequantised from {fmt} to {dtype} "
+              f"and the adapters folded in; the merged weights are {dtype} (float), not {fmt}")
     return 0
 
 
@@ -261,18 +269,38 @@ MERGEABLE = ("lora", "dora", "ia3")  # adapters that are a change of the weights
 
 def _cmd_adapters_export(args) -> int:
     from jaxlearn.models.hf import save_hf
-    from jaxlearn.peft.hf_peft import export_peft
+    from jaxlearn.peft.hf_peft import export_peft, peft_logit_diff
     from jaxlearn.peft.merge import base_leaves
+    from jaxlearn.peft.quantize import dequantize_tree, quantized_format
     from jaxlearn.run import open_run
 
     run = open_run(args.run)
     out = Path(args.out)
     base_dir = out / "base"
     tok = run.tokenizer if hasattr(run.tokenizer, "hf_token_ids") else None
-    save_hf(base_leaves(run.params), run.cfg.model, base_dir, tokenizer=tok)
-    adapter_dir = export_peft(run.params, run.cfg.model, run.cfg.peft, out / "adapter", base_name=str(base_dir))
+    # QLoRA: PEFT's LoRA layers sit over a float base, so the base goes out dequantised (the
+    # weights the adapter was trained against); the adapter tensors are plain LoRA's.
+    fmt = quantized_format(run.params)
+    dtype = run.cfg.model.param_dtype
+    params = dequantize_tree(run.params, dtype) if fmt else run.params
+    save_hf(base_leaves(params), run.cfg.model, base_dir, tokenizer=tok)
+    adapter_dir = export_peft(params, run.cfg.model, run.cfg.peft, out / "adapter", base_name=str(base_dir))
     print(f"wrote {base_dir} (base, transformers) and {adapter_dir} (PEFT adapter)")
+    if fmt:
+        print(f"the base was stored {fmt} (QLoRA): {base_dir} holds it dequantised from {fmt} to {dtype} (float)")
+        try:  # the check needs torch + transformers + peft, which jaxlearn itself does not
+            diff = peft_logit_diff(run.model, run.params, base_dir, adapter_dir)
+        except ImportError as e:
+            print(f"PEFT logit check skipped ({e.name} is not installed)")
+        else:
+            print(f"max |logit difference|, jaxlearn QLoRA model vs peft.PeftModel over the dequantised base: {diff:.2e}")
     return 0
+
+
+def _cmd_rlaif(args) -> int:
+    from jaxlearn.rlaif.commands import run
+
+    return run(args)
 
 
 def _positive_int(text: str) -> int:
@@ -354,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="an adapter version directory (runs/NAME/adapters/v1) to put on --model")
     e.add_argument("--no-adapters", action="store_true", help="evaluate the base alone (adapters removed)")
     e.add_argument("--tasks", help="comma-separated: antonyms, definitions, definitions_gen, humaneval, "
-                                   "perplexity:brown, perplexity:shakespeare")
+                                   "perplexity:brown, perplexity:shakespeare, probes:facts, probes:format, safety, "
+                                   "prefs:wordnet_antonym_prefs (or another preference source), "
+                                   "file:PATH.jsonl[?shots=K&split=S] (your own QA or multiple-choice rows)")
     e.add_argument("--split", default="test", choices=["train", "validation", "test"])
     e.add_argument("--limit", type=int, default=0, help="a fixed sample of N examples per task (0: all)")
     e.add_argument("--out", help="report directory (results.json, results.md, examples/)")
@@ -399,6 +429,38 @@ def build_parser() -> argparse.ArgumentParser:
     df = ds.add_parser("fetch", help="download a real corpus into the cache (JAXLEARN_CACHE)")
     df.add_argument("names", nargs="+", choices=["shakespeare", "brown", "wordnet", "humaneval", "donotanswer"])
     df.set_defaults(fn=_cmd_data_fetch)
+
+    rl = sub.add_parser("rlaif", help="an AI judge labels preference pairs (agree: vs checkable labels; label: "
+                                      "write DPO pairs)")
+    rls = rl.add_subparsers(dest="rlaif_command", required=True)
+    ra = rls.add_parser("agree", help="judge checkable pairs in both orders: accuracy, position bias; JSON report")
+    rb = rls.add_parser("label", help="judge two candidates per prompt (sampled from --policy, or --candidates) "
+                                      "-> preference JSONL for data.format: preference")
+    for r in (ra, rb):
+        r.add_argument("--judge", required=True, help="judge model: a preset (smollm2-135m-instruct), run or HF dir")
+        r.add_argument("--judge-adapter", help="an adapter version directory to put on the judge")
+        r.add_argument("--rubric", help="general, antonym, a file, or a text with {prompt}, {a}, {b} "
+                                        "(default: antonym for WordNet antonym sources, else general)")
+        r.add_argument("--system", help="a system message for the judge (default: the chat template's)")
+        r.add_argument("--split", choices=["train", "validation", "test", "all"], default=None,
+                       help="default: test (agree), train (label); all records for files")
+        r.add_argument("--limit", type=int, default=0, help="a fixed sample of N pairs/prompts (0: all)")
+        r.add_argument("--batch-size", type=_positive_int, default=16)
+    ra.add_argument("--source", default="wordnet_antonym_prefs",
+                    help="wordnet_antonym_prefs, wordnet_definition_prefs, safety_pairs, or a preference .jsonl")
+    ra.add_argument("--out", default="runs/rlaif/agree.json")
+    rb.add_argument("--policy", help="sample two replies per prompt from this model or run directory")
+    rb.add_argument("--policy-adapter", help="an adapter version directory to put on the policy")
+    rb.add_argument("--candidates", help="instead of --policy: a JSONL of {prompt, responses: [x, y]}")
+    rb.add_argument("--source", default="wordnet_antonym_prompts",
+                    help="prompts for --policy: wordnet_antonym_prompts or a prompts .jsonl ({prompt | messages})")
+    rb.add_argument("--temperature", type=float, default=1.0)
+    rb.add_argument("--top-p", type=float, default=1.0)
+    rb.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--drop-inconsistent", action="store_true", help="leave out pairs whose verdict flips with order")
+    rb.add_argument("--out", default="runs/rlaif/pairs.jsonl")
+    rl.set_defaults(fn=_cmd_rlaif)
     return p
 
 

@@ -28,11 +28,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # activation's `act_embed` stays whole on each device.
 LOGICAL_AXES = (
     "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm", "lora_rank", "adapter_dim",
+    "lora_side",
     "act_batch", "act_seq", "act_embed", "act_mlp", "act_heads", "act_kv_heads", "act_vocab",
     "act_cache_seq",
 )
 
 Rules = tuple[tuple[str, Any], ...]
+
+# `lora_side` is not a dimension name but a rule for LoRA factors (leaves with a `lora_rank`
+# axis): lora_a [*in, r] and lora_b [r, *out] carry their base weight's names, so under fsdp
+# (which shards only `embed`) half of them would stay replicated (q's B [r, heads, head_dim],
+# o's A [heads, head_dim, r], ...). Its mesh axes go on the first dim of the factor's in/out
+# side that has none yet and that they divide (never the rank, never `layers`); see
+# `logical_to_spec`. On a big slice that is the difference between every chip holding every
+# adapter and its optimizer moments, and 1/N of them. `mesh.rules: [[lora_side, null]]` turns it off.
 
 # The presets. A logical axis missing from a table is replicated.
 PRESET_RULES: dict[str, Rules] = {
@@ -44,6 +53,7 @@ PRESET_RULES: dict[str, Rules] = {
     "fsdp": (
         ("act_batch", ("data", "fsdp")),
         ("embed", "fsdp"),
+        ("lora_side", "fsdp"),
     ),
     # FSDP across one axis, Megatron-style tensor parallel across `tensor`: heads, the FFN
     # inner dimension and the vocabulary split; one all-reduce after attention and after the FFN.
@@ -135,8 +145,20 @@ def _multislice_mesh(cfg: MeshConfig, devices: list) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules) -> P:
-    """Map logical axis names to a PartitionSpec. A mesh axis is used at most once per spec."""
+def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules, shape: Sequence[int] | None = None,
+                    mesh_sizes: dict[str, int] | None = None) -> P:
+    """Map logical axis names to a PartitionSpec. A mesh axis is used at most once per spec.
+
+    A LoRA factor (axes holding `lora_rank`) also gets the `lora_side` rule's mesh axes on a
+    dim of its in/out side (see PRESET_RULES): with `shape` and `mesh_sizes`, the first such dim
+    they divide (none: replicated); without, the first such dim (what the dims' names imply).
+
+    >>> fsdp = rules_for(MeshConfig(preset="fsdp"))
+    >>> logical_to_spec(("layers", "lora_rank", "heads", "head_dim"), fsdp)
+    P(None, None, 'fsdp', None)
+    >>> logical_to_spec(("layers", "lora_rank", "heads", "head_dim"), fsdp, (2, 8, 4, 64), {"fsdp": 8})
+    P(None, None, None, 'fsdp')
+    """
     if axes is None:
         return P()
     table: dict[str, Any] = {}
@@ -146,21 +168,53 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules) -> P:
     out = []
     for name in axes:
         target = table.get(name) if name is not None else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if n not in used)
+        names = _mesh_names(target, used)
         used.update(names)
         out.append(None if not names else names[0] if len(names) == 1 else names)
+    if "lora_rank" in axes:
+        _shard_lora_side(axes, out, _mesh_names(table.get("lora_side"), used), shape, mesh_sizes)
     return P(*out)
 
 
-def named_sharding(mesh: Mesh, axes: Sequence[str | None] | None, rules: Rules) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, rules))
+def _mesh_names(target: Any, used: set[str]) -> tuple[str, ...]:
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(n for n in names if n not in used)
 
 
-def tree_shardings(mesh: Mesh, logical_tree: Any, rules: Rules) -> Any:
-    """A tree of NamedShardings from a tree of logical-axis tuples (leaves are tuples or None)."""
-    return jax.tree.map(lambda a: named_sharding(mesh, a, rules), logical_tree,
-                        is_leaf=lambda x: x is None or (isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)))
+def _shard_lora_side(axes, out: list, names: tuple[str, ...], shape, mesh_sizes) -> None:
+    """Put `names` (the `lora_side` rule's free mesh axes) on one unsharded dim of a LoRA
+    factor's in/out side, in place: the first one they divide when the shape is known."""
+    if not names:
+        return
+    free = [i for i, a in enumerate(axes) if a not in (None, "lora_rank", "layers") and out[i] is None]
+    if shape is not None and mesh_sizes is not None:
+        n = int(np.prod([mesh_sizes[m] for m in names]))
+        free = [i for i in free if shape[i] % n == 0]
+    if free:
+        out[free[0]] = names[0] if len(names) == 1 else names
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None] | None, rules: Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    """`logical_to_spec` on `mesh`; with `shape`, rules that depend on sizes (`lora_side`) fit it."""
+    return NamedSharding(mesh, logical_to_spec(axes, rules, shape, dict(mesh.shape)))
+
+
+def _is_axes(x) -> bool:
+    return x is None or (isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x))
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, rules: Rules, shapes: Any = None) -> Any:
+    """A tree of NamedShardings from a tree of logical-axis tuples (leaves are tuples or None).
+
+    `shapes`: the same tree with arrays or ShapeDtypeStructs as leaves. Pass it whenever the
+    tree may hold LoRA factors: the `lora_side` rule then only uses dims the mesh divides
+    (without it, a factor's dim is chosen by name alone and jit refuses a size it does not divide).
+    """
+    if shapes is None:
+        return jax.tree.map(lambda a: named_sharding(mesh, a, rules), logical_tree, is_leaf=_is_axes)
+    return jax.tree.map(lambda a, x: named_sharding(mesh, a, rules, tuple(x.shape)), logical_tree, shapes,
+                        is_leaf=_is_axes)
 
 
 class ShardingContext:
@@ -172,6 +226,15 @@ class ShardingContext:
     def __init__(self, mesh: Mesh, rules: Rules):
         self.mesh = mesh
         self.rules = rules
+
+    @property
+    def platform(self) -> str:
+        """The platform the model is compiled for: that of the mesh's devices ("cpu", "gpu",
+        "tpu"). Backend-dependent choices in the forward (`model.kernels`, `model.attention`)
+        resolve against it, not against the host's backend: the fit check (jaxlearn/pod/compile.py)
+        builds its mesh over TPU devices on a CPU-only machine and must compile the TPU program.
+        """
+        return self.mesh.devices.flat[0].platform
 
     def __hash__(self):
         return hash((self.mesh, self.rules))
@@ -204,6 +267,11 @@ class ShardingContext:
         >>> ctx.batch_shardings({"inputs": np.zeros((8, 16)), "reward": np.zeros(8)})   # doctest: +SKIP
         """
         return jax.tree.map(lambda x: self.batch_sharding(len(x.shape) if hasattr(x, "shape") else np.ndim(x)), batch)
+
+
+def target_platform(ctx: ShardingContext | None) -> str | None:
+    """`ctx.platform`, or None (the host's backend) for a model without a mesh."""
+    return None if ctx is None else ctx.platform
 
 
 def constrain(ctx: ShardingContext | None, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from jaxlearn.config import RopeScalingConfig
 from jaxlearn.models.lora_linear import LORA_T_NAME, augmented_wins, lora_linear
+from jaxlearn.sharding import ShardingContext, logical_to_spec, target_platform
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -82,6 +84,11 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernels: str = "auto"  # ModelConfig.kernels: auto | pallas | xla (jaxlearn/kernels/dispatch.py)
+    # The mesh the program is compiled for. `kernels` resolves for its platform, not the host's
+    # backend (the TPU fit check traces on a CPU for TPU devices), and on more than one device the
+    # Pallas kernels run per device under shard_map (XLA cannot partition a Pallas call).
+    # None: one device of the host's backend.
+    shard: ShardingContext | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,9 +109,9 @@ class Linear(nn.Module):
         # LoRA as one fused Pallas kernel where `kernels` resolves to one (TPU/GPU by default);
         # with dropout, A sees another x than W, so that case stays on the XLA path.
         from jaxlearn.kernels.dispatch import resolve
-        impl, interpret = resolve(self.kernels)
+        impl, interpret = resolve(self.kernels, target_platform(self.shard))
         if impl != "xla" and "lora_a" in adapters and rng is None:
-            y = fused_adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, impl, interpret)
+            y = fused_on_mesh(self.shard, x.astype(self.dtype), kernel, adapters, self.n_in, impl, interpret)
         else:
             y = adapted_linear(x.astype(self.dtype), kernel, adapters, self.n_in, dropout_rng=rng)
         # The seam's products are custom_vjp calls, which remat policies cannot see into; the
@@ -114,13 +121,16 @@ class Linear(nn.Module):
 
 def quantized_kernel(q: jax.Array, scale: jax.Array, kernel_shape: tuple[int, ...], n_in: int):
     """The QuantizedWeight of a linear layer's `kernel_q`/`kernel_scale` leaves (format from the
-    code dtype: int8 -> int8, uint8 -> nf4, whose packing group follows from d_in)."""
-    from jaxlearn.kernels.quant import QuantizedWeight, nf4_group
+    code dtype: int8 -> int8, uint8 -> nf4, whose packing group follows from d_in and the padded
+    row count: d_in is zero-padded to whole groups, e.g. 576 -> 640 in 128-row or 1024 in
+    512-row groups, see jaxlearn/peft/quantize.py)."""
+    from jaxlearn.kernels.quant import QuantizedWeight
+    from jaxlearn.peft.quantize import nf4_group_of
 
     d_in = math.prod(kernel_shape[:n_in])
     if q.dtype == jnp.int8:
         return QuantizedWeight(q, scale, "int8", d_in, 0, kernel_shape)
-    return QuantizedWeight(q, scale, "nf4", d_in, nf4_group(d_in), kernel_shape)
+    return QuantizedWeight(q, scale, "nf4", d_in, nf4_group_of(d_in, 2 * q.shape[0]), kernel_shape)
 
 
 def adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int = 1,
@@ -217,6 +227,12 @@ def fused_adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int, impl: 
     in_shape = x.shape[x.ndim - n_in:]
     d_in = math.prod(in_shape)
     quantized = isinstance(kernel, QuantizedWeight)
+    if quantized and impl == "tpu":
+        # The TPU kernels take NF4 in 512-row groups only; a weight stored in smaller groups (the
+        # least-padding layout, e.g. d_in 576 -> 640 rows) is repacked, zero-padded to 1024 rows.
+        # Exact: the same codes and scales, re-laid out; padding rows decode to 0.
+        from jaxlearn.peft.quantize import repack_nf4
+        kernel = repack_nf4(kernel)
     out_shape = kernel.kernel_shape[n_in:] if quantized else kernel.shape[n_in:]
     w2 = kernel if quantized else kernel.reshape(d_in, -1).astype(x.dtype)
     a, b = adapters["lora_a"], adapters["lora_b"]
@@ -232,6 +248,40 @@ def fused_adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int, impl: 
     if "dora_m" in adapters:
         y = _dora_rescale(y, dequantize_kernel(kernel, jnp.float32) if quantized else kernel, adapters, n_in)
     return _output_adapters(y, adapters)
+
+
+def fused_on_mesh(shard: ShardingContext | None, x: jax.Array, kernel, adapters: dict, n_in: int, impl: str,
+                  interpret: bool = False) -> jax.Array:
+    """`fused_adapted_linear`, run per device under `shard_map` when `shard`'s mesh has more than
+    one device: XLA's partitioner cannot split a Pallas call (Mosaic refuses outright), so each
+    device runs the kernel on its own rows of the batch, with the weight and the adapters whole
+    on every device (FSDP gathers a layer's weights for its matmuls anyway; under a `tensor` axis
+    the projection's weights are gathered too, and the rows repeat over it). The backward sums
+    the weight-side gradients over the batch axes (shard_map's transpose of a replicated input).
+    A batch the batch axes do not divide (generation, batch 1) is run whole on every device.
+
+    >>> fused_on_mesh(None, jnp.ones((2, 3)), jnp.ones((3, 4)), {"lora_a": jnp.ones((3, 1)),
+    ...               "lora_b": jnp.zeros((1, 4)), "lora_scale": jnp.float32(2)}, 1, "tpu", True).shape
+    (2, 4)
+    """
+    fused = functools.partial(fused_adapted_linear, n_in=n_in, impl=impl, interpret=interpret)
+    if shard is None or shard.mesh.size == 1:
+        return fused(x, kernel, adapters)
+    rows = logical_to_spec(("act_batch",), shard.rules)[0]
+    names = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    if not names or x.shape[0] % math.prod(shard.mesh.shape[n] for n in names):
+        rows = None
+    x_spec = P(rows)
+    # A multi-adapter batch (jaxlearn/peft/multi.py) holds one adapter per example: its leading
+    # dim goes with the batch rows; every other leaf is whole on each device.
+    per_example = adapters["lora_a"].ndim == n_in + 2
+    ad_specs = {k: P(rows) if per_example and k in ("lora_a", "lora_b", "lora_scale") and v.ndim else P()
+                for k, v in adapters.items()}
+    # check_vma off: the kernels' pallas_calls declare no varying-axes types for their outputs.
+    # Gradients stay exact (the whole-weight inputs' cotangents are still summed over devices;
+    # tests/pod/test_compile_target.py compares them with the XLA path's).
+    return jax.shard_map(fused, mesh=shard.mesh, in_specs=(x_spec, P(), ad_specs), out_specs=x_spec,
+                         check_vma=False)(x, kernel, adapters)
 
 
 class RMSNorm(nn.Module):
@@ -361,12 +411,30 @@ def attention_mask(q_seg_bt: jax.Array, q_idx_bt: jax.Array, kv_seg_bs: jax.Arra
     return (same & causal)[:, None, :, :]
 
 
+def resolve_attention(impl: str, platform: str | None = None) -> str:
+    """The attention implementation `impl` ("auto" | "xla" | "dot_product_attention") means on
+    `platform`, the platform the program is compiled for (None: the host's backend).
+
+    >>> resolve_attention("auto", "tpu"), resolve_attention("auto", "cpu"), resolve_attention("xla", "tpu")
+    ('dot_product_attention', 'xla', 'xla')
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention: {impl!r} is not one of {ATTENTION_IMPLS}.")
+    if impl != "auto":
+        return impl
+    return "xla" if (platform or jax.default_backend()) == "cpu" else "dot_product_attention"
+
+
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention")
+
+
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array,
-           impl: str = "auto", causal: bool = False) -> jax.Array:
+           impl: str = "auto", causal: bool = False, platform: str | None = None) -> jax.Array:
     """Grouped-query attention. The seam where fused kernels plug in.
 
     `dot_product_attention` calls `jax.nn.dot_product_attention` (cuDNN/TPU fused paths where
-    the backend has them); `xla` is `grouped_attention` below, which is faster on CPU.
+    the backend has them); `xla` is `grouped_attention` below, which is faster on CPU. `auto`
+    picks by `platform`, the compile target (`resolve_attention`; None: the host's backend).
     `causal` is the caller's promise that the mask hides every key after slot i + S - T from
     query i (true in training, where there is no KV cache; a prefix of always-visible keys is
     fine): `xla` then skips the key blocks above the diagonal. The mask is applied either way.
@@ -375,14 +443,16 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: j
     >>> attend(q, kv, kv, jnp.ones((1, 1, 4, 4), bool), "xla").shape
     (1, 4, 8, 16)
     """
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "dot_product_attention"
-    if impl == "dot_product_attention":
-        scale = q_btnh.shape[-1] ** -0.5
-        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
-    t = q_btnh.shape[1]
-    n_blocks = t // CAUSAL_BLOCK if causal and t % CAUSAL_BLOCK == 0 else 1
-    return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks)
+    impl = resolve_attention(impl, platform)
+    # The scope names the implementation in the compiled program's op metadata, so a check can
+    # read which one a program holds (tests/pod/test_compile_target.py).
+    with jax.named_scope(f"attention_{impl}"):
+        if impl == "dot_product_attention":
+            scale = q_btnh.shape[-1] ** -0.5
+            return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
+        t = q_btnh.shape[1]
+        n_blocks = t // CAUSAL_BLOCK if causal and t % CAUSAL_BLOCK == 0 else 1
+        return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks)
 
 
 # Query rows per block when `causal` lets attention skip the key blocks above the diagonal. Two

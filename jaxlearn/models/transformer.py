@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxlearn.config import ModelConfig
 from jaxlearn.models.layers import DTYPES, REMAT_POLICIES, Linear, RMSNorm, attend, attention_mask, linear, rope
-from jaxlearn.sharding import ShardingContext, constrain
+from jaxlearn.sharding import ShardingContext, constrain, target_platform
 
 Cache = dict[str, jax.Array]
 
@@ -51,7 +51,8 @@ class Attention(nn.Module):
         hd = cfg.resolved_head_dim
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         proj = lambda feats, axes, n_in=1, std=cfg.init_std, name=None: Linear(  # noqa: E731
-            feats, axes, n_in=n_in, init_std=std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels, name=name)
+            feats, axes, n_in=n_in, init_std=std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels,
+            shard=self.shard, name=name)
         q = proj((cfg.n_heads, hd), ("embed", "heads", "head_dim"), name="q")(x_btd)
         k = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k")(x_btd)
         v = proj((cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v")(x_btd)
@@ -90,7 +91,8 @@ class Attention(nn.Module):
         # Without a KV cache the mask never shows query i a key after slot i + S - T (causal, and
         # a prefix only adds keys in front), so the CPU attention may skip the blocks above the
         # diagonal (about a quarter of its work at T = 256).
-        out = attend(q, k, v, mask, cfg.attention, causal=layer_cache is None)
+        # `auto` resolves for the mesh's platform (the compile target), not the host's backend.
+        out = attend(q, k, v, mask, cfg.attention, causal=layer_cache is None, platform=target_platform(self.shard))
         out = constrain(self.shard, out, ("act_batch", "act_seq", "act_heads", None))
         # Output projections start smaller so the residual stream does not grow with depth (GPT-2).
         o = proj((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
@@ -107,12 +109,12 @@ class MLP(nn.Module):
         cfg = self.cfg
         dt, pdt = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         gate = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels,
-                      name="gate")(x_btd)
+                      shard=self.shard, name="gate")(x_btd)
         up = Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt, kernels=cfg.kernels,
-                    name="up")(x_btd)
+                    shard=self.shard, name="up")(x_btd)
         h = constrain(self.shard, nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
         return Linear((cfg.d_model,), ("mlp", "embed"), init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
-                      dtype=dt, param_dtype=pdt, kernels=cfg.kernels, name="down")(h)
+                      dtype=dt, param_dtype=pdt, kernels=cfg.kernels, shard=self.shard, name="down")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -163,7 +165,7 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(cfg.norm_eps, dtype=dt, param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), init_std=cfg.init_std, dtype=dt, param_dtype=pdt,
-                                  kernels=cfg.kernels)
+                                  kernels=cfg.kernels, shard=self.shard)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0, return_hidden: bool = False):

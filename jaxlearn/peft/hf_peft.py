@@ -8,6 +8,16 @@
 
     save_hf(merge_free_base, cfg, "out/base")
     export_peft(params, cfg, peft_cfg, "out/adapter", base_name="out/base")
+
+QLoRA (an int8 / NF4 base): PEFT's LoRA layers sit over a float base, so the base is exported
+dequantised (`jaxlearn.peft.quantize.dequantize_tree`), the weights the adapter was trained
+against; the adapter tensors are the same as for plain LoRA. `peft_logit_diff` measures how
+far the PEFT model is from ours::
+
+    dense = dequantize_tree(params)
+    save_hf(base_leaves(dense), cfg, "out/base")
+    export_peft(dense, cfg, peft_cfg, "out/adapter", base_name="out/base")
+    peft_logit_diff(model, params, "out/base", "out/adapter")   # ~1e-5 in float32
 """
 
 from __future__ import annotations
@@ -98,3 +108,30 @@ def export_peft(params: dict, cfg: ModelConfig, peft_cfg: PeftConfig, out_dir: s
     cfg_tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     os.replace(cfg_tmp, out / "adapter_config.json")
     return out
+
+
+def peft_logit_diff(model, params: dict, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
+                    tokens: np.ndarray | None = None) -> float:
+    """max |our logits - PEFT's| on a few token rows: `model` (a jaxlearn Transformer) with
+    `params` (QLoRA trees run quantized, as trained) against `peft.PeftModel.from_pretrained`
+    of the adapter over the exported base, both float32. Needs torch, transformers and peft.
+
+    >>> peft_logit_diff(run.model, run.params, "out/base", "out/adapter") < 1e-4   # doctest: +SKIP
+    True
+    """
+    import jax.numpy as jnp
+    import peft
+    import torch
+    import transformers
+
+    if tokens is None:  # fixed, in-vocabulary ids: the check is about weights, not about text
+        tokens = np.random.RandomState(0).randint(0, model.cfg.vocab_size, (2, 16))
+    tokens = np.asarray(tokens, np.int32)
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    ours = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(tokens), pos, jnp.ones((b, t), jnp.int32))[0])(params)
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        hf = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    return float(np.abs(np.asarray(ours, np.float32) - theirs).max())

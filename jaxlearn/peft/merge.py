@@ -9,6 +9,12 @@ so a swap replaces the adapter leaves (see `jaxlearn.peft.files`). Example::
 
     base_only = merge(params)                  # export / serve without adapters
     params_again = unmerge(base_only, adapter_leaves(params))
+
+A QLoRA tree (int8 / NF4 frozen base, `peft.quantize`) merges too: its base is dequantised
+first, so the merged kernels are float (float32, or the dtype asked for), not quantized. The
+adapters were trained against exactly that dequantised base, so the merged model gives the
+QLoRA model's outputs; re-quantizing the merged weights would not (see `merge`). `unmerge` of
+such a merge gives the dequantised float base back, not the int8/NF4 codes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 from jaxlearn.models.layers import linear
 from jaxlearn.peft.attach import kernel_in_dims
 from jaxlearn.peft.filter import flat_paths, unflatten_paths
+from jaxlearn.peft.quantize import dequantize_flat
 
 ADAPTER_LEAF = re.compile(r"/(lora_a|lora_b|lora_scale|lora_dropout|dora_m|ia3_in|ia3_out|adapter_down|adapter_up)$")
 
@@ -69,13 +76,28 @@ def _in_axes(kernel_ndim: int, n_in: int, stacked: bool) -> tuple[int, ...]:
     return tuple(range(lead, lead + n_in))
 
 
-def merge(params: dict, logical: dict | None = None) -> dict:
+def merge(params: dict, logical: dict | None = None, dtype=None) -> dict:
     """Adapters folded into their kernels; adapter leaves removed.
 
     `logical` (the tree's logical axes) tells stacked layers and input dims apart; without it
     they are inferred from the parameter paths (jaxlearn's own layout).
+
+    QLoRA (a base stored int8 / NF4, `kernel_q` + `kernel_scale` leaves): the base is
+    dequantised to float32, the adapters are folded in in float32, and the merged kernels come
+    out in `dtype` (default: the dtype of the tree's embedding, i.e. the model's param dtype,
+    else float32; kernels that were never quantized keep their own dtype). The result holds no quantized leaves: it is a float model whose forward is
+    the QLoRA model's, not a quantized one (the fold is not on the int8/NF4 grid).
+
+    >>> merged = merge(qlora_params)          # doctest: +SKIP
+    >>> quantized_format(merged) is None      # doctest: +SKIP
+    True
     """
     flat = flat_paths(params)
+    quantized = {k[: -len("/kernel_q")] for k in flat if k.endswith("/kernel_q")}
+    if quantized:
+        # Dequantise before anything else: the kernel's shape is read off its LoRA leaves.
+        out_dtype = jnp.dtype(dtype) if dtype is not None else _float_dtype(flat)
+        flat = dequantize_flat(flat, jnp.float32)
     axes = flat_paths(logical) if logical is not None else {}
     out = {k: v for k, v in flat.items() if not ADAPTER_LEAF.search(k)}
     for mod, leaves in _modules(flat).items():
@@ -98,7 +120,15 @@ def merge(params: dict, logical: dict | None = None) -> dict:
         if "ia3_out" in leaves:
             merged = merged * jnp.expand_dims(leaves["ia3_out"].astype(jnp.float32), in_axes)
         out[f"{mod}/kernel"] = merged.astype(w.dtype)
+    for mod in quantized:  # dequantised float32 (also where no adapter sat): the dtype asked for
+        out[f"{mod}/kernel"] = out[f"{mod}/kernel"].astype(out_dtype)
     return unflatten_paths(out)
+
+
+def _float_dtype(flat: dict):
+    """The model's param dtype as the tree shows it (the embedding's), else float32."""
+    emb = flat.get("embed/embedding")
+    return jnp.dtype(emb.dtype) if emb is not None and jnp.issubdtype(emb.dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
 def unmerge(merged: dict, adapters: dict, logical: dict | None = None) -> dict:

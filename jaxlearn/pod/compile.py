@@ -10,6 +10,11 @@ memory and FLOP counts. Example::
     report.fits, report.total_bytes / 2**30      # True, ~40 GiB per chip
     print(report.text())
 
+The step is the one a TPU would run: backend-dependent choices in the forward (`model.kernels`:
+fused Pallas LoRA kernels; `model.attention`) resolve for the mesh's platform, TPU, not for this
+CPU host (`ShardingContext.platform`), so the program holds the Mosaic kernels and the TPU's
+attention, and the report names them (`seams`).
+
 Frozen extra models (a DPO reference policy, a distillation teacher) and objective-owned heads
 come from the recipe's objective (`Objective.extras()`, `init_heads`): the extras are built
 abstractly in their shardings by the trainer's own `build_extras` and passed to the trainer's
@@ -29,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlearn.config import Config, ModelConfig
+from jaxlearn.kernels.dispatch import describe as describe_kernels
+from jaxlearn.models.layers import resolve_attention
 from jaxlearn.models.transformer import Transformer
 from jaxlearn.objectives.registry import build_objective
 from jaxlearn.peft.filter import flat_paths
@@ -75,6 +82,9 @@ class FitReport:
     biggest: list[tuple[str, int]]  # largest per-device argument leaves
     suggestions: list[str]
     compile_error: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
+    # what each backend-dependent seam of the forward compiled to on the target, e.g.
+    # {"kernels": "pallas-tpu (Mosaic)", "attention": "dot_product_attention"}
+    seams: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -109,6 +119,8 @@ class FitReport:
             f"mesh {self.mesh}",
             f"model {self.params / 1e9:.2f} B params, {self.trainable / 1e9:.3f} B trainable; "
             f"{self.tokens_per_step:,} tokens/step; compiled in {self.compile_seconds:.1f} s",
+            *([f"seams ({self.generation.name}): " + ", ".join(f"{k} {v}" for k, v in self.seams.items())]
+              if self.seams else []),
             "per-device memory:",
             f"  params (trainable)     {g(self.trainable_bytes)}",
             f"  params (frozen)        {g(self.frozen_bytes)}",
@@ -172,18 +184,39 @@ def _unrolled_models(objective: Any) -> Any:
     return dataclasses.replace(objective, **blocks) if blocks else objective
 
 
-def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool = True) -> FitReport:
+@dataclasses.dataclass
+class LoweredStep:
+    """A recipe's training step lowered for a topology (not yet compiled), with what the fit
+    report reads beside it. `lowered.compile().as_text()` is the TPU program itself: tests read
+    it to see which implementations it holds (Mosaic kernels, the attention)."""
+
+    cfg: Config  # the recipe, with the slice count used
+    generation: TpuGeneration
+    n_chips: int
+    n_devices: int
+    shard: ShardingContext  # its `platform` is the target's ("tpu")
+    setup: Any  # the abstract StateSetup
+    batch: Any  # ShapeDtypeStructs with shardings
+    extra: Any  # the objective's frozen extras, abstract
+    lowered: Any  # jax.stages.Lowered
+    lower_seconds: float
+
+
+def lower_step(cfg: Config, topology: str, slices: int | None = None) -> LoweredStep:
+    """Build `cfg`'s training state abstractly over `topology`'s TPU devices and lower the
+    trainer's own step for them (the first half of `fit_check`).
+
+    >>> lower_step(cfg, "v5e:2x4").lowered.compile().as_text().count("tpu_custom_call")  # doctest: +SKIP
+    """
     slices = cfg.mesh.slices if slices is None else slices
     gen, grid = parse_topology(topology)
     devices = topology_devices(topology, slices)
-    n_chips = math.prod(grid) * slices
-    if cfg.model.attention == "auto":
-        # "auto" picks by the *local* backend (CPU here); on a TPU it means the fused attention.
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="dot_product_attention"))
     mesh_cfg = dataclasses.replace(cfg.mesh, slices=slices)
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     mesh = make_mesh(mesh_cfg, devices)
     rules = rules_for(mesh_cfg)
+    # The mesh is over TPU devices, so the model (and any extra model built with this context)
+    # resolves `kernels`/`attention` for TPU, not for this host's CPU backend.
     shard = ShardingContext(mesh, rules)
     model = Transformer(cfg.model, shard)
     objective = build_objective(model, cfg)
@@ -197,20 +230,29 @@ def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool
     batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          objective.abstract_batch(b, t), batch_sh)
     extras = build_extras(objective.extras(), shard, abstract=True)
-    extra = extras.values
 
     t0 = time.perf_counter()
     lowered = compile_train_step(objective, setup, batch_sh, cfg.optim.grad_accum, extras.shardings).lower(
-        setup.state, batch, extra)
+        setup.state, batch, extras.values)
+    return LoweredStep(cfg, gen, math.prod(grid) * slices, len(devices), shard, setup, batch, extras.values, lowered,
+                       time.perf_counter() - t0)
+
+
+def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool = True) -> FitReport:
+    step = lower_step(cfg, topology, slices)
+    cfg, gen, n_chips, shard, setup, batch, extra = (step.cfg, step.generation, step.n_chips, step.shard, step.setup,
+                                                      step.batch, step.extra)
+    mesh, b, t = shard.mesh, cfg.data.batch_size, cfg.data.seq_len
+    t0 = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = step.lowered.compile()
         compile_error = ""
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler refuses a program that cannot fit; that is a verdict, not a crash.
         if "RESOURCE_EXHAUSTED" not in str(e) or not memory:
             raise
         compiled, compile_error = None, str(e).split("\n")[0]
-    compile_s = time.perf_counter() - t0
+    compile_s = step.lower_seconds + time.perf_counter() - t0
 
     state = setup.state
     arg_bytes = sum(_tree_bytes(x) for x in (state, batch, extra))
@@ -235,17 +277,33 @@ def _compile_report(cfg: Config, topology: str, slices: int | None, memory: bool
     n_params = cfg.model.param_count()
     n_trainable = sum(math.prod(a.shape) for a in jax.tree.leaves(state.trainable))
     model_flops = cfg.model.flops_per_token(t) * b * t
-    hbm = int(gen.hbm_bytes * n_chips / len(devices))  # v4 libtpu shows 2 devices (cores) per chip
+    hbm = int(gen.hbm_bytes * n_chips / step.n_devices)  # v4 libtpu shows 2 devices (cores) per chip
     report = FitReport(
-        topology=topology, accelerator=slice_name(topology, slices), generation=gen, n_devices=len(devices),
+        topology=topology, accelerator=slice_name(topology, cfg.mesh.slices), generation=gen, n_devices=step.n_devices,
         n_chips=n_chips, mesh=dict(mesh.shape), params=n_params, trainable=n_trainable, tokens_per_step=b * t,
         trainable_bytes=_tree_bytes(state.trainable), frozen_bytes=_tree_bytes(state.frozen),
         opt_state_bytes=_tree_bytes(state.opt_state), batch_bytes=_tree_bytes(batch),
         extra_model_bytes=_tree_bytes(extra),
         **mem_fields, hbm_bytes=hbm, xla_flops=flops, model_flops=model_flops, compile_seconds=compile_s,
-        biggest=biggest, suggestions=[], compile_error=compile_error)
+        biggest=biggest, suggestions=[], compile_error=compile_error, seams=seams(cfg, shard.platform))
     report.suggestions = suggestions(report, cfg)
     return report
+
+
+def seams(cfg: Config, platform: str) -> dict[str, str]:
+    """What the backend-dependent seams of `cfg`'s training forward compile to on `platform`:
+    the linear seam's LoRA matmul (`model.kernels`; used only with LoRA/DoRA adapters, and not
+    with LoRA dropout, whose A sees another x than W) and attention (`model.attention`).
+
+    >>> seams(Config(peft=PeftConfig(type="lora")), "tpu")
+    {'kernels': 'pallas-tpu (Mosaic)', 'attention': 'dot_product_attention'}
+    """
+    kernels = describe_kernels(cfg.model.kernels, platform)
+    if cfg.peft.type not in ("lora", "dora"):
+        kernels += " (unused: no LoRA adapters)"
+    elif cfg.peft.dropout and kernels != "xla":
+        kernels = "xla (peft.dropout > 0 keeps LoRA on the XLA path)"
+    return {"kernels": kernels, "attention": resolve_attention(cfg.model.attention, platform)}
 
 
 def _required_temp_bytes(message: str) -> int:

@@ -50,10 +50,12 @@ class StateSetup:
     param_logical: Any  # logical axes of the full parameter tree
 
 
-def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, optimizer, abstract_trainable) -> TrainState:
-    """Shardings for every leaf of the state: params by their logical axes, optimizer moments
-    like the parameter they belong to, scalars replicated."""
-    param_sh = tree_shardings(mesh, param_logical, rules)
+def state_shardings(mesh: Mesh, rules: Rules, param_logical: Any, patterns, optimizer, abstract_trainable,
+                    param_shapes: Any = None) -> TrainState:
+    """Shardings for every leaf of the state: params by their logical axes (and, given
+    `param_shapes`, their sizes: LoRA factors shard only where the mesh divides them), optimizer
+    moments like the parameter they belong to, scalars replicated."""
+    param_sh = tree_shardings(mesh, param_logical, rules, param_shapes)
     train_sh, frozen_sh = split_params(param_sh, patterns)
     replicated = NamedSharding(mesh, P())
     abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
@@ -92,7 +94,7 @@ def build_state(model: Transformer, cfg: Config, mesh: Mesh, rules: Rules, total
         if not any(re.search(p, "heads/") for p in patterns):
             patterns = patterns + ["^heads/"]
     abstract_trainable, _ = split_params(attached, patterns)
-    shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable)
+    shardings = state_shardings(mesh, rules, logical, patterns, optimizer, abstract_trainable, attached)
 
     def create(key, given):
         full = given if given is not None else fresh_params(model, jax.random.fold_in(key, 0))
