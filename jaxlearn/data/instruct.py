@@ -26,6 +26,7 @@ order); HumanEval: the function's signature and docstring -> the whole function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -126,6 +127,8 @@ def _lemma(raw: str) -> str:
 
 def read_wordnet_synsets(root: str | os.PathLike) -> dict[tuple[str, str], dict]:
     """Parse `data.{noun,verb,adj,adv}`: {(file pos, offset): {"words", "pointers", "gloss"}}.
+    Parsed once per process and directory (the files never change under a run; every WordNet
+    builder reads them, ~2 s each time otherwise): treat the result as read-only.
 
     A line is `offset lex_filenum ss_type w_cnt word lex_id ... p_cnt ptr... | gloss`; `w_cnt`
     is hexadecimal, each pointer is `symbol offset pos source/target` (source/target: two hex
@@ -136,7 +139,12 @@ def read_wordnet_synsets(root: str | os.PathLike) -> dict[tuple[str, str], dict]
     >>> syn[("a", "00001740")]["words"]                              # doctest: +SKIP
     ['able']
     """
-    root = Path(root)
+    return _parse_wordnet_synsets(str(Path(root).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_wordnet_synsets(root_str: str) -> dict[tuple[str, str], dict]:
+    root = Path(root_str)
     synsets: dict[tuple[str, str], dict] = {}
     for pos_file in ("noun", "verb", "adj", "adv"):
         path = root / f"data.{pos_file}"

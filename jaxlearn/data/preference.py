@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -102,11 +103,28 @@ def wordnet_antonym_pairs(cache_dir: str | os.PathLike | None = None) -> list[Pr
     for e in examples:
         word, accept = e.meta["word"], set(e.answers)
         options = sorted(synonyms.get(word, set()) - accept)
-        if not options:  # an unrelated word, picked by a stable hash
-            options = [w for w in pool if w not in accept and w != word]
-        rejected = options[int(stable_fraction(f"antonym-reject:{word}") * len(options))]
+        u = stable_fraction(f"antonym-reject:{word}")
+        if options:
+            rejected = options[int(u * len(options))]
+        else:  # an unrelated word, picked by a stable hash
+            rejected = _kth_outside(pool, accept | {word}, u)
         out.append(PreferencePair(f"antonym-pref/{word}", tuple(e.prompt), e.reference, rejected, e.meta["split"]))
     return out
+
+
+def _kth_outside(pool: list[str], excluded: set[str], u: float) -> str:
+    """`[w for w in pool if w not in excluded][int(u * len(that))]` for a sorted `pool`, without
+    building the filtered list (why: it is ~2,300 x 4,600 comparisons per build otherwise).
+
+    >>> _kth_outside(["a", "b", "b", "c", "d"], {"b"}, 0.5)
+    'c'
+    """
+    spans = sorted((bisect.bisect_left(pool, w), bisect.bisect_right(pool, w)) for w in excluded)
+    k = int(u * (len(pool) - sum(e - s for s, e in spans)))
+    for s, e in spans:  # step over each excluded run at or before the k-th kept position
+        if s <= k:
+            k += e - s
+    return pool[k]
 
 
 def wordnet_definition_pairs(cache_dir: str | os.PathLike | None = None) -> list[PreferencePair]:

@@ -18,6 +18,16 @@ def test_pref_accuracy_and_margin_follow_the_chosen_reply(monkeypatch):
         return [(1.0, 2), (3.0, 2), (5.0, 2), (2.0, 2)][:len(convs)]
 
     monkeypatch.setattr(tasks, "reference_nll", fake_nll)
+    from jaxlearn.data import preference
+    from jaxlearn.data.preference import PreferencePair
+
+    def fake_pairs(data_cfg, split):  # WordNet's pairs take ~10 s to build; the scoring is what is tested
+        assert data_cfg.source == "wordnet_antonym_prefs" and split == "test"
+        q = ({"role": "user", "content": "Give an antonym of 'hot'."},)
+        return [PreferencePair(f"p{i}", q, c, r, "test") for i, (c, r) in enumerate([("cold", "warm"), ("icy", "tepid"),
+                                                                                     ("chilly", "boiling")])]
+
+    monkeypatch.setattr(preference, "preference_pairs", fake_pairs)
     (res,) = tasks.run_tasks(object(), ["prefs:wordnet_antonym_prefs"], split="test", limit=2, echo=lambda _m: None)
     assert res.metrics["n"] == 2
     assert res.metrics["pref_accuracy"] == 0.5
