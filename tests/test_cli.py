@@ -33,8 +33,12 @@ def trained_run(tmp_path_factory, tokenizer):
     return run_dir, r
 
 
-def test_train_leaves_outputs(trained_run):
+def test_a_short_run_its_outputs_and_what_users_do_next(trained_run, tokenizer, capsys):
+    """One test over the trained run (why one: two tests on it land in two xdist workers, and each
+    worker would train the run again, ~30 s): its outputs, generate/eval on it, a rerun into it
+    refused, and a checkpoint of another shape refused."""
     run_dir, r = trained_run
+    # --- the outputs a short run leaves behind
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "samples.txt", "summary.json"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "6"]
@@ -49,9 +53,7 @@ def test_train_leaves_outputs(trained_run):
     assert summary["final_eval"]["loss"] == evals[-1]["loss"]
     assert "--- sample ---" in r.stdout and "held-out loss" in r.stdout
 
-
-def test_generate_and_eval_commands(trained_run):
-    run_dir, _ = trained_run
+    # --- generate and eval on it
     g = run_cli("generate", run_dir, "ROMEO:", "--max-new-tokens", 8, "--temperature", 0)
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.startswith("ROMEO:")
@@ -60,21 +62,17 @@ def test_generate_and_eval_commands(trained_run):
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["step"] == 12 and result["loss"] > 0 and "| held-out loss |" in e.stdout
 
+    # --- a new run into its directory is refused (resume is the way)
+    rr = run_cli("train", RECIPE, *TINY, f"train.run_dir={run_dir}", "train.steps=12")
+    assert rr.returncode == 2 and "already holds checkpoints" in rr.stderr and "train.resume=true" in rr.stderr
 
-def test_rerun_into_existing_run_dir_is_refused(trained_run):
-    run_dir, _ = trained_run
-    r = run_cli("train", RECIPE, *TINY, f"train.run_dir={run_dir}", "train.steps=12")
-    assert r.returncode == 2 and "already holds checkpoints" in r.stderr and "train.resume=true" in r.stderr
-
-
-def test_checkpoint_from_another_model_shape(trained_run, tokenizer, capsys):
-    run_dir, _ = trained_run
+    # --- resuming it with another model shape is refused by the saved config ...
     capsys.readouterr()
     code = main(["train", str(RECIPE), *TINY, "model.d_model=96", f"data.tokenizer={tokenizer}",
                  f"train.run_dir={run_dir}", "train.steps=14", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "different 'model' block" in err and "d_model" in err
-    # Bypassing the saved config (eval with another shape) reaches the checkpoint's own check.
+    # ... and bypassing the saved config (eval with another shape) reaches the checkpoint's own check.
     code = main(["eval", str(run_dir), "--set", "model.n_layers=3"])
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
