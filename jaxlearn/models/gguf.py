@@ -1,18 +1,30 @@
-"""GGUF (llama.cpp) checkpoints of Llama-architecture models, dequantized into jaxlearn params.
+"""GGUF (llama.cpp) checkpoints of Llama, Qwen2 and Qwen3 models, dequantized into jaxlearn params.
 
-The `gguf` package reads the file through a memory map; each tensor is dequantized to float32
-(rows at a time: quantization blocks run along a row) when a device's callback asks for it.
-Example::
+Supported `general.architecture` values: `llama` (Llama, SmolLM2, Mistral), `qwen2` (q/k/v
+biases, `model.qkv_bias`) and `qwen3` (per-head q/k RMSNorm, `model.qk_norm`); any other is
+refused by name. The `gguf` package reads the file through a memory map; each tensor is
+dequantized to float32 (rows at a time: quantization blocks run along a row) when a device's
+callback asks for it. Example::
 
     imp = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", mesh=mesh, rules=rules)
     imp.cfg.n_layers, imp.report.summary()
 
-RoPE layout: llama.cpp's converter reorders the q/k rows of each head so that its interleaved
-RoPE (pairs 2i, 2i+1) matches Hugging Face's rotate-half RoPE (pairs i, i+hd/2). By default
-(`rope_style="rotate_half"`) the rows are put back into the Hugging Face order, so the params
-equal a Hugging Face import of the same model and export to safetensors unchanged. With
-`rope_style="interleaved"` the file's order is kept and the model uses interleaved RoPE;
-both give the same logits.
+RoPE layout of the stored q/k rows depends on the architecture, because llama.cpp's converter
+(convert_hf_to_gguf.py) treats them differently:
+
+* `llama`: `LlamaModel.modify_tensors` reorders the q/k rows (and biases) of each head with
+  `LlamaModel.permute`, so that llama.cpp's interleaved ("normal") RoPE (pairs 2i, 2i+1) matches
+  Hugging Face's rotate-half RoPE (pairs i, i+hd/2). The file is in the interleaved layout.
+* `qwen2`, `qwen3`: `Qwen2Model` (and `Qwen3Model(Qwen2Model)`) derive from `TextModel`, not
+  `LlamaModel`, and write every tensor unpermuted; llama.cpp runs these architectures with
+  NEOX-style RoPE (`LLAMA_ROPE_TYPE_NEOX`), which is rotate-half. The file is in the Hugging
+  Face layout, q/k biases and q/k norm scales included.
+
+By default (`rope_style="rotate_half"`) the rows end up in the Hugging Face order (llama files
+are un-permuted, qwen files are taken as they are), so the params equal a Hugging Face import
+of the same model and export to safetensors unchanged. With `rope_style="interleaved"` the
+model uses interleaved RoPE and the rows are put in that order (llama files as stored, qwen
+files permuted, biases and norm scales with their rows); both give the same logits.
 """
 
 from __future__ import annotations
@@ -30,7 +42,9 @@ from jaxlearn.config import ModelConfig, RopeScalingConfig
 from jaxlearn.models.hf import CheckpointImportError, Imported, import_params, param_shardings
 from jaxlearn.sharding import Rules
 
-# GGUF tensor names of the llama architecture -> Hugging Face names.
+# GGUF tensor names (llama.cpp's `gguf.MODEL_TENSORS`, shared by llama, qwen2 and qwen3) ->
+# Hugging Face names. Biases and q/k norms exist only in some architectures; a tensor that the
+# model config does not need is reported as unused by the import.
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -42,6 +56,11 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # qwen2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -50,7 +69,7 @@ _LAYER_NAMES = {
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama-architecture GGUF tensor (None: no counterpart).
+    """The Hugging Face name of a llama/qwen2/qwen3 GGUF tensor (None: no counterpart).
 
     >>> hf_name("blk.3.attn_q.weight")
     'model.layers.3.self_attn.q_proj.weight'
@@ -61,6 +80,34 @@ def hf_name(gguf_name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """What jaxlearn needs to know about one GGUF architecture beyond its `{arch}.*` metadata."""
+
+    rope_layout: str  # how the converter stored q/k rows: "interleaved" (permuted) or "rotate_half"
+    qkv_bias: bool
+    qk_norm: bool
+    models: str  # for messages
+
+
+# See the module docstring for why the layouts differ (LlamaModel.permute vs Qwen2Model).
+ARCHITECTURES = {
+    "llama": _Arch("interleaved", qkv_bias=False, qk_norm=False, models="Llama, SmolLM2, Mistral"),
+    "qwen2": _Arch("rotate_half", qkv_bias=True, qk_norm=False, models="Qwen2, Qwen2.5"),
+    "qwen3": _Arch("rotate_half", qkv_bias=False, qk_norm=True, models="Qwen3"),
+}
+
+
+def _arch(f: GGUFFile) -> _Arch:
+    """The supported architecture of `f`, or a CheckpointImportError naming it and the supported ones."""
+    arch = f.architecture
+    if arch not in ARCHITECTURES:
+        supported = ", ".join(f"{k!r} ({a.models})" for k, a in ARCHITECTURES.items())
+        raise CheckpointImportError(f"{f.path}: GGUF architecture {arch!r} is not supported; jaxlearn imports "
+                                    f"GGUF files of the architectures {supported}.")
+    return ARCHITECTURES[arch]
 
 
 class GGUFFile:
@@ -99,39 +146,57 @@ class GGUFFile:
 
 
 def config_from_gguf(f: GGUFFile, base: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig that a llama-architecture GGUF file describes (other fields from `base`)."""
+    """The ModelConfig that a llama/qwen2/qwen3 GGUF file describes (other fields from `base`).
+
+    The architecture's hyperparameters are read under its own prefix (`qwen2.block_count`, ...),
+    the names llama.cpp's `gguf.Keys` give them for every architecture.
+    """
     base = base or ModelConfig()
+    spec = _arch(f)
     arch = f.architecture
-    if arch != "llama":
-        raise CheckpointImportError(f"{f.path}: architecture {arch!r} is not supported; jaxlearn imports "
-                                    f"GGUF files of the 'llama' architecture (Llama, SmolLM2, Mistral).")
-    d_model = int(f.require("llama.embedding_length"))
-    heads = int(f.require("llama.attention.head_count"))
-    head_dim = int(f.get("llama.attention.key_length", d_model // heads))
-    rope_dims = int(f.get("llama.rope.dimension_count", head_dim))
+
+    def get(key: str, default: Any = None) -> Any:
+        return f.get(f"{arch}.{key}", default)
+
+    def require(key: str) -> Any:
+        return f.require(f"{arch}.{key}")
+
+    d_model = int(require("embedding_length"))
+    heads = int(require("attention.head_count"))
+    head_dim = int(get("attention.key_length", d_model // heads))
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise CheckpointImportError(f"{f.path}: value heads of {value_dim} dims differ from key heads of "
+                                    f"{head_dim}; jaxlearn's attention needs them equal.")
+    rope_dims = int(get("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise CheckpointImportError(f"{f.path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported.")
-    scaling = f.get("llama.rope.scaling.type", "none")
+    scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise CheckpointImportError(f"{f.path}: rope scaling {scaling!r} is not supported.")
-    vocab = f.get("llama.vocab_size")
+    vocab = get("vocab_size")
+    if vocab is None and "token_embd.weight" in f.tensors:
+        # The embedding's rows are what the import checks against. Converters do not always
+        # write `{arch}.vocab_size`, and the tokenizer's list can be shorter than a padded
+        # embedding (Qwen2's 151936 rows), so the tensor is the safer second choice.
+        vocab = int(f.tensors["token_embd.weight"].shape[-1])  # GGUF dims innermost first: [d_model, vocab]
     if vocab is None:
         vocab = len(f.require("tokenizer.ggml.tokens"))
     return dataclasses.replace(
         base,
         vocab_size=int(vocab),
         d_model=d_model,
-        n_layers=int(f.require("llama.block_count")),
+        n_layers=int(require("block_count")),
         n_heads=heads,
-        n_kv_heads=int(f.get("llama.attention.head_count_kv", heads)),
+        n_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=None if head_dim == d_model // heads else head_dim,
-        d_ff=int(f.require("llama.feed_forward_length")),
-        max_seq_len=int(f.get("llama.context_length", base.max_seq_len)),
-        rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        d_ff=int(require("feed_forward_length")),
+        max_seq_len=int(get("context_length", base.max_seq_len)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in f.tensors,
-        qkv_bias=False,
-        qk_norm=False,
+        qkv_bias=spec.qkv_bias,
+        qk_norm=spec.qk_norm,
         rope_scaling=RopeScalingConfig(),  # not a recipe's: scaled GGUF files are refused above
     )
 
@@ -144,10 +209,11 @@ class GGUFSource:
     leaf), so the devices that need different columns of the same rows pay for them once.
     """
 
-    rope_layout = "interleaved"  # llama.cpp's converter permuted q/k for interleaved RoPE
-
     def __init__(self, f: GGUFFile):
         self.file = f
+        # How q/k rows are stored: permuted for interleaved RoPE (llama) or as in Hugging Face
+        # (qwen2, qwen3); import_params permutes the rows (and biases, norm scales) to cfg.rope_style.
+        self.rope_layout = _arch(f).rope_layout
         self.name = str(f.path)
         self._by_hf = {}
         self.unmapped = []
@@ -187,7 +253,7 @@ class GGUFSource:
 def load_gguf(path: str | os.PathLike | GGUFFile, base: ModelConfig | None = None, *,
               mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
               rope_style: str = "rotate_half", strict: bool = True) -> Imported:
-    """Import a llama-architecture GGUF file (any quantization the `gguf` package dequantizes).
+    """Import a llama, qwen2 or qwen3 GGUF file (any quantization the `gguf` package dequantizes).
 
     `base` gives the non-architecture fields (scan_layers, param_dtype, ...); `rope_style`
     picks the layout (see the module docstring). With `mesh` and `rules`, each leaf is created
