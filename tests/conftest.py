@@ -280,6 +280,10 @@ SLOW_WITH_DEFAULT_COVER = {
     # prefix tuning: finalisation and cached generation (slow) / soft-prompt and packed-prefix forward (default)
     "tests/peft/test_prefix_prompt.py::test_prefix_finalisation_keeps_the_forward_and_generation_uses_the_cache":
         "tests/peft/test_prefix_prompt.py::test_packed_documents_each_see_the_prefix[prompt]",
+    # the pipeline through the real runner (training, merged handoff, evaluation): slow; the default
+    # suite checks how stage recipes are built and what the pipeline owns
+    "tests/pipeline/test_pipeline.py::test_one_lora_stage_fills_its_matrix_and_hands_off_the_merged_weights":
+        "tests/pipeline/test_pipeline.py::test_stage_recipes_layer_and_the_pipeline_owns_run_dir_init_and_tokenizer",
     f"{_PEFT}test_merged_equals_unmerged[True-dora]": f"{_PEFT}test_merged_equals_unmerged[True-lora]",
     f"{_PEFT}test_merged_equals_unmerged[False-dora]": f"{_PEFT}test_merged_equals_unmerged[False-lora]",
     f"{_PEFT}test_adapters_inherit_base_sharding": "tests/test_sharding.py::test_partition_specs_golden",  # holds *+lora
