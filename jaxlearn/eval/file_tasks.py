@@ -63,12 +63,11 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from jaxlearn.data.batching import TOKEN_FEATURES
 from jaxlearn.data.chat import encode_chat
 from jaxlearn.data.corpora import stable_fraction
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.sft import chat_tokenizer
-from jaxlearn.eval.models import EvalModel, batch_nll, generate_replies
+from jaxlearn.eval.models import EvalModel, generate_replies, rows_nll
 from jaxlearn.eval.scorers import exact_match, normalize_answer
 
 FILE_PREFIX = "file:"
@@ -465,24 +464,7 @@ def choice_logliks(em: EvalModel, conversations: Sequence[Sequence[dict]], *, ba
             raise DataError(f"{where}: the prompt and choice are longer than the model's {em.max_seq_len} tokens; "
                             f"shorten the row or use fewer shots.")
         rows.append(row)
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["inputs"]))  # similar lengths share a batch
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        longest = max(len(rows[i]["inputs"]) for i in idx)
-        # Round lengths up to a bucket so few shapes compile, but never past the model's context.
-        length = max(longest, min(-(-longest // bucket) * bucket, em.max_seq_len))
-        batch = {k: np.zeros((batch_size, length), dtype) for k, dtype in TOKEN_FEATURES.items()}
-        for r, i in enumerate(idx):
-            n = len(rows[i]["inputs"])
-            for k in ("inputs", "targets", "loss_mask"):
-                batch[k][r, :n] = rows[i][k]
-            batch["segment_ids"][r, :n] = 1
-            batch["positions"][r, :n] = np.arange(n)
-        sums, counts = batch_nll(em, [batch])
-        for r, i in enumerate(idx):
-            out[i] = (-float(sums[r]), int(counts[r]))
-    return out
+    return [(-nll, n) for nll, n in rows_nll(em, rows, batch_size=batch_size, bucket=bucket)]
 
 
 # --------------------------------------------------------------------------------------------

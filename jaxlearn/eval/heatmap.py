@@ -57,6 +57,17 @@ def matrix_heatmap(rows: Sequence[Sequence[float]], row_labels: Sequence[str], c
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="within-column rank (1 = best of the column)")
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (a temporary file renamed into place) and close it.
+
+    >>> save_figure(fig, "runs/x/plot.png")                 # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -162,11 +162,23 @@ def reference_nll(em: EvalModel, conversations: Sequence[Sequence[dict]], *, bat
         if row is None:
             raise ValueError(f"cannot score a conversation ({status}): {list(c)[:1]}...")
         rows.append(row)
+    return rows_nll(em, rows, batch_size=batch_size, bucket=bucket)
+
+
+def rows_nll(em: EvalModel, rows: Sequence[dict], *, batch_size: int = 16, bucket: int = 32) -> list[tuple[float, int]]:
+    """(summed NLL in nats, tokens under the loss) of each encoded row (`inputs`, `targets`,
+    `loss_mask`). Rows of similar length share a batch; lengths round up to a multiple of
+    `bucket` (few shapes compile) but never past the model's context.
+
+    >>> rows_nll(em, [encode_example(em.tokenizer, conv, 128)[0]])       # doctest: +SKIP
+    [(14.2, 5)]
+    """
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["inputs"]))
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        length = -(-max(len(rows[i]["inputs"]) for i in idx) // bucket) * bucket
+        longest = max(len(rows[i]["inputs"]) for i in idx)
+        length = max(longest, min(-(-longest // bucket) * bucket, em.max_seq_len))
         batch = {k: np.zeros((batch_size, length), dtype) for k, dtype in TOKEN_FEATURES.items()}
         for r, i in enumerate(idx):
             n = len(rows[i]["inputs"])

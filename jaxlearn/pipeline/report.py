@@ -145,11 +145,9 @@ def metrics_plot(report: dict, out: str | Path) -> Path:
     for j in range(n, nrow * ncol):
         axes[j // ncol][j % ncol].axis("off")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    from jaxlearn.eval.heatmap import save_figure
+
+    return save_figure(fig, out)
 
 
 def write_reports(report: dict, out_dir: str | Path) -> dict[str, Path]:
