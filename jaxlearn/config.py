@@ -123,8 +123,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     init_std: float = 0.02
-    # auto: jax.nn.dot_product_attention (fused kernels) on GPU/TPU, the einsum path on CPU
-    attention: Literal["auto", "xla", "dot_product_attention"] = "auto"
+    # auto: the memory-efficient kernel of the compile target: Pallas splash attention on TPU,
+    # the Pallas Triton flash kernel on GPU, the blocked XLA path on CPU (models/layers.py attend)
+    attention: Literal["auto", "xla", "dot_product_attention", "splash", "flash_gpu", "cudnn"] = "auto"
     # LoRA matmuls in the linear seam (jaxlearn/kernels): auto = fused Pallas kernels on TPU/GPU,
     # XLA on CPU; pallas = Pallas everywhere (CPU: interpret mode, slow); xla = never Pallas.
     kernels: Literal["auto", "pallas", "xla"] = "auto"

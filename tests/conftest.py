@@ -264,7 +264,16 @@ SMOKE = (
 # marked in each file, so the map from each moved test to its default cover is in one place and
 # checked: a cover must exist and must not be slow itself (`-m slow` is unaffected otherwise).
 _PEFT = "tests/peft/test_peft_invariants.py::"
+_FA = "tests/models/test_fused_attention.py::"
 SLOW_WITH_DEFAULT_COVER = {
+    # memory-efficient attention kernels in interpret mode: MHA/MQA and the one-device model (slow) /
+    # GQA values and gradients, and the model on a 4x2 fsdp x tensor mesh (default)
+    **{f"{_FA}test_kernel_matches_reference_values_and_gradients[{p}-splash]":
+       f"{_FA}test_kernel_matches_reference_values_and_gradients[4-2-splash]" for p in ("4-1", "2-2")},
+    **{f"{_FA}test_model_with_kernel_equals_xla_path[{k}]": f"{_FA}test_splash_per_device_on_a_mesh_equals_unsharded[fsdp_tp]"
+       for k in ("splash", "flash_gpu")},
+    f"{_FA}test_splash_per_device_on_a_mesh_equals_unsharded[fsdp]":
+        f"{_FA}test_splash_per_device_on_a_mesh_equals_unsharded[fsdp_tp]",
     # PEFT: every method trains only its adapters / merges exactly; the default suite checks LoRA
     # (and identity at attach for every method, test_identity_at_attach)
     **{f"{_PEFT}test_training_moves_only_adapters[{m}]": f"{_PEFT}test_training_moves_only_adapters[lora]"

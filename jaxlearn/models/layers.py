@@ -412,47 +412,157 @@ def attention_mask(q_seg_bt: jax.Array, q_idx_bt: jax.Array, kv_seg_bs: jax.Arra
 
 
 def resolve_attention(impl: str, platform: str | None = None) -> str:
-    """The attention implementation `impl` ("auto" | "xla" | "dot_product_attention") means on
-    `platform`, the platform the program is compiled for (None: the host's backend).
+    """The attention implementation `impl` means on `platform`, the platform the program is
+    compiled for (None: the host's backend). `auto` is the memory-efficient kernel of each
+    platform: Pallas splash attention on TPU, the Pallas (Triton) flash kernel on GPU, and the
+    blocked XLA path on CPU.
 
-    >>> resolve_attention("auto", "tpu"), resolve_attention("auto", "cpu"), resolve_attention("xla", "tpu")
-    ('dot_product_attention', 'xla', 'xla')
+    >>> resolve_attention("auto", "tpu"), resolve_attention("auto", "cpu"), resolve_attention("auto", "gpu")
+    ('splash', 'xla', 'flash_gpu')
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention: {impl!r} is not one of {ATTENTION_IMPLS}.")
     if impl != "auto":
         return impl
-    return "xla" if (platform or jax.default_backend()) == "cpu" else "dot_product_attention"
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "xla"
+    return "splash" if platform == "tpu" else "flash_gpu"
 
 
-ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention")
+# xla: `grouped_attention` (blocked, recomputing; the reference and the CPU path);
+# dot_product_attention: `jax.nn.dot_product_attention` with the mask (XLA materialises the
+# [heads, T, S] scores on TPU); splash: Pallas splash attention (TPU, Mosaic); flash_gpu: the
+# Pallas Triton flash kernel (GPU); cudnn: cuDNN's fused attention through jax.nn (GPU).
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "splash", "flash_gpu", "cudnn")
+
+# The platform each fused kernel is written for: elsewhere it runs in Pallas interpret mode.
+_KERNEL_PLATFORM = {"splash": ("tpu",), "flash_gpu": ("gpu", "cuda", "rocm")}
+
+# Fused kernels tile the sequence; a length they cannot tile falls back to the XLA reference.
+FUSED_BLOCK = 128
 
 
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts: jax.Array,
-           impl: str = "auto", causal: bool = False, platform: str | None = None) -> jax.Array:
+           impl: str = "auto", causal: bool = False, platform: str | None = None,
+           segments: tuple[jax.Array, jax.Array] | None = None,
+           shard: ShardingContext | None = None) -> jax.Array:
     """Grouped-query attention. The seam where fused kernels plug in.
 
-    `dot_product_attention` calls `jax.nn.dot_product_attention` (cuDNN/TPU fused paths where
-    the backend has them); `xla` is `grouped_attention` below, which is faster on CPU. `auto`
-    picks by `platform`, the compile target (`resolve_attention`; None: the host's backend).
-    `causal` is the caller's promise that the mask hides every key after slot i + S - T from
-    query i (true in training, where there is no KV cache; a prefix of always-visible keys is
-    fine): `xla` then skips the key blocks above the diagonal. The mask is applied either way.
+    `impl` (see ATTENTION_IMPLS) resolves for `platform`, the compile target
+    (`resolve_attention`; None: the host's backend). `causal` is the caller's promise that the
+    mask hides every key after slot i + S - T from query i (true in training, where there is no
+    KV cache; a prefix of always-visible keys is fine): `xla` then skips the key blocks above
+    the diagonal. The mask is applied either way.
+
+    The fused kernels (splash, flash_gpu) never build the mask or the [heads, T, S] scores:
+    they take `segments` = (query segment ids [B, T], key segment ids [B, S]) and apply
+    "same segment and causal" themselves, so the caller passes `segments` only where that is
+    the whole mask (self-attention, no KV cache, no prefix; T = S). Without `segments`, or at a
+    length the kernels cannot tile (T % 128), they fall back to `dot_product_attention`.
+    On a mesh (`shard`) they run per device under shard_map (XLA cannot partition a Pallas
+    call), on the device's rows of the batch and its heads.
 
     >>> q, kv = jnp.ones((1, 4, 8, 16)), jnp.ones((1, 4, 2, 16))
     >>> attend(q, kv, kv, jnp.ones((1, 1, 4, 4), bool), "xla").shape
     (1, 4, 8, 16)
     """
     impl = resolve_attention(impl, platform)
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    if impl in _KERNEL_PLATFORM and (segments is None or t != s or t % FUSED_BLOCK):
+        impl = "dot_product_attention"
     # The scope names the implementation in the compiled program's op metadata, so a check can
     # read which one a program holds (tests/pod/test_compile_target.py).
     with jax.named_scope(f"attention_{impl}"):
+        scale = q_btnh.shape[-1] ** -0.5
+        if impl in _KERNEL_PLATFORM:
+            interpret = (platform or jax.default_backend()) not in _KERNEL_PLATFORM[impl]
+            return fused_attention_on_mesh(shard, q_btnh, k_bskh, v_bskh, *segments, impl=impl, interpret=interpret)
+        if impl == "cudnn":
+            # cuDNN turns the boolean mask into a bias; `is_causal` lets it skip the blocks
+            # above the diagonal.
+            return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale,
+                                                is_causal=causal and t == s, implementation="cudnn")
         if impl == "dot_product_attention":
-            scale = q_btnh.shape[-1] ** -0.5
             return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale)
-        t = q_btnh.shape[1]
         n_blocks = t // CAUSAL_BLOCK if causal and t % CAUSAL_BLOCK == 0 else 1
         return grouped_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, n_blocks)
+
+
+def fused_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, q_seg_bt: jax.Array,
+                    kv_seg_bs: jax.Array, impl: str = "splash", interpret: bool = False) -> jax.Array:
+    """Causal attention within segments by a fused Pallas kernel: `splash` (TPU: Pallas splash
+    attention, grouped-query heads served from the K/V heads without copies) or `flash_gpu`
+    (GPU: the Pallas Triton flash kernel, which has no grouped-query form, so K/V are repeated
+    per query head: [B, S, N, H], the size of q, never the [N, T, S] scores). Both keep only the
+    softmax's log-partition for the backward, as flash attention does. `interpret` runs the
+    kernel in Pallas interpret mode (any platform; tests).
+
+    >>> q, kv, seg = jnp.ones((1, 128, 4, 16)), jnp.ones((1, 128, 2, 16)), jnp.ones((1, 128), jnp.int32)
+    >>> fused_attention(q, kv, kv, seg, seg, "splash", interpret=True).shape
+    (1, 128, 4, 16)
+    """
+    _, t, n, h = q_btnh.shape
+    if impl == "flash_gpu":
+        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+        g = n // k_bskh.shape[2]
+        # The Triton kernel takes one segment-id array for queries and keys (T = S here).
+        return gpu_attention.mha(q_btnh, jnp.repeat(k_bskh, g, axis=2), jnp.repeat(v_bskh, g, axis=2), q_seg_bt,
+                                 sm_scale=h ** -0.5, causal=True, interpret=interpret)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    kernel = _splash_kernel(n, t, k_bskh.shape[1], interpret)
+    # Splash takes head-major [N, T, H] per example and does not scale: q is scaled here.
+    q_bnth = jnp.transpose(q_btnh * jnp.asarray(h ** -0.5, q_btnh.dtype), (0, 2, 1, 3))
+    k_bksh, v_bksh = jnp.transpose(k_bskh, (0, 2, 1, 3)), jnp.transpose(v_bskh, (0, 2, 1, 3))
+    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks))  # noqa: E731
+    return jnp.transpose(jax.vmap(one)(q_bnth, k_bksh, v_bksh, q_seg_bt, kv_seg_bs), (0, 2, 1, 3))
+
+
+def _splash_kernel(n_heads: int, t: int, s: int, interpret: bool):
+    """The splash kernel for causal attention of `n_heads` query heads over T x S. Blocks of
+    512 (the size MaxText uses by default) where the length allows, else the largest of 256/128.
+    Made per call, not cached: the kernel holds its block tables as arrays, and one made inside
+    a trace would carry that trace's values into the next (the tables are host NumPy, cheap)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    blk = next(b for b in (512, 256, FUSED_BLOCK) if t % b == 0 and s % b == 0)
+    sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                              block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * n_heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def fused_attention_on_mesh(shard: ShardingContext | None, q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                            q_seg_bt: jax.Array, kv_seg_bs: jax.Array, impl: str, interpret: bool) -> jax.Array:
+    """`fused_attention` per device under shard_map when `shard`'s mesh has more than one
+    device: each device takes its rows of the batch (the `act_batch` axes) and, where the
+    `act_heads`/`act_kv_heads` axes divide both head counts, its heads (a tensor axis); an axis
+    that does not divide is whole on every device. Same pattern as `fused_on_mesh`.
+
+    >>> q, kv, seg = jnp.ones((1, 128, 4, 16)), jnp.ones((1, 128, 2, 16)), jnp.ones((1, 128), jnp.int32)
+    >>> fused_attention_on_mesh(None, q, kv, kv, seg, seg, "splash", True).shape
+    (1, 128, 4, 16)
+    """
+    fused = functools.partial(fused_attention, impl=impl, interpret=interpret)
+    if shard is None or shard.mesh.size == 1:
+        return fused(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs)
+
+    def axes(logical: str, size: int):
+        spec = logical_to_spec((logical,), shard.rules)[0]
+        names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        return spec if names and size % math.prod(shard.mesh.shape[a] for a in names) == 0 else None
+
+    rows = axes("act_batch", q_btnh.shape[0])
+    heads, kv_heads = axes("act_heads", q_btnh.shape[2]), axes("act_kv_heads", k_bskh.shape[2])
+    if heads != kv_heads:  # a device must hold whole groups of query heads with their K/V head
+        heads = kv_heads = None
+    qs, kvs, segs = P(rows, None, heads, None), P(rows, None, kv_heads, None), P(rows, None)
+    # check_vma off: the pallas_calls declare no varying-axes types for their outputs.
+    return jax.shard_map(fused, mesh=shard.mesh, in_specs=(qs, kvs, kvs, segs, segs), out_specs=qs,
+                         check_vma=False)(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs)
 
 
 # Query rows per block when `causal` lets attention skip the key blocks above the diagonal. Two

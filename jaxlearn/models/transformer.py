@@ -92,7 +92,11 @@ class Attention(nn.Module):
         # a prefix only adds keys in front), so the CPU attention may skip the blocks above the
         # diagonal (about a quarter of its work at T = 256).
         # `auto` resolves for the mesh's platform (the compile target), not the host's backend.
-        out = attend(q, k, v, mask, cfg.attention, causal=layer_cache is None, platform=target_platform(self.shard))
+        # Without a cache or prefix, "same segment and causal" is the whole mask, which the
+        # fused kernels (splash on TPU, flash on GPU) apply from the segment ids themselves.
+        segments = (q_seg_bt, kv_seg_bs) if layer_cache is None and prefix is None else None
+        out = attend(q, k, v, mask, cfg.attention, causal=layer_cache is None, platform=target_platform(self.shard),
+                     segments=segments, shard=self.shard)
         out = constrain(self.shard, out, ("act_batch", "act_seq", "act_heads", None))
         # Output projections start smaller so the residual stream does not grow with depth (GPT-2).
         o = proj((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,

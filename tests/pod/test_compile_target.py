@@ -5,7 +5,7 @@
 mesh's platform (`ShardingContext.platform`), not for `jax.default_backend()`, so the TPU program
 holds the Mosaic kernels (per device, under shard_map: XLA cannot partition a Pallas call) and
 the TPU attention, never the CPU one. `attend` names its implementation in a named scope
-(`attention_xla`, `attention_dot_product_attention`), which the programs' text shows.
+(`attention_xla`, `attention_splash`), which the programs' text shows.
 
 Also here, the eval program: with `objective.loss_chunk` the held-out loss never builds the
 [tokens, vocab] logits, and equals the whole-logits loss.
@@ -43,7 +43,7 @@ from jaxlearn.train.step import compile_eval_step
 # see tests/kernels/test_tpu_compile.py: compile-only use needs no exclusive TPU lock
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-TPU_MARK, CPU_MARK = "attention_dot_product_attention", "attention_xla"
+TPU_MARK, CPU_MARK = "attention_splash", "attention_xla"
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +68,11 @@ def _lora_recipe(**model) -> Config:
 def test_each_seam_resolves_for_the_target_not_the_host():
     assert jax.default_backend() == "cpu"
     assert resolve("auto", "tpu") == ("tpu", False) and resolve("auto", "cpu") == ("xla", False)
-    assert resolve_attention("auto", "tpu") == "dot_product_attention" and resolve_attention("auto", "cpu") == "xla"
+    assert resolve_attention("auto", "tpu") == "splash" and resolve_attention("auto", "cpu") == "xla"
+    assert resolve_attention("auto", "gpu") == "flash_gpu"
     assert resolve_attention("xla", "tpu") == "xla"  # an explicit choice stays
     lora = _lora_recipe()
-    assert seams(lora, "tpu") == {"kernels": "pallas-tpu (Mosaic)", "attention": "dot_product_attention"}
+    assert seams(lora, "tpu") == {"kernels": "pallas-tpu (Mosaic)", "attention": "splash"}
     assert seams(lora, "cpu") == {"kernels": "xla", "attention": "xla"}
     assert "unused" in seams(dataclasses.replace(lora, peft=PeftConfig()), "tpu")["kernels"]
     assert seams(dataclasses.replace(lora, peft=PeftConfig(type="lora", dropout=0.1)), "tpu")["kernels"].startswith("xla")
@@ -105,9 +106,15 @@ def test_the_lowered_tpu_step_holds_mosaic_kernels_and_the_tpu_attention():
     text = step.lowered.as_text(debug_info=True)
     assert text.count("tpu_custom_call") >= 6  # 3 LoRA projections, forward and dx kernels
     assert TPU_MARK in text and CPU_MARK not in text
-    # each kernel tells XLA its FLOPs (else the fit check's FLOPs per step would count it as 0)
     calls = [line for line in text.splitlines() if "@tpu_custom_call" in line]
-    assert calls and all(re.search(r"\\22flops\\22:[1-9]", line) for line in calls)
+    names = [re.search(r'kernel_name = "([^"]+)"', line).group(1) for line in calls]
+    # splash attention's forward and both backward kernels (dq, dk/dv), segment ids on
+    assert {"splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals",
+            "splash_mha_dkv_segmented_no_residuals"} <= set(names)
+    # the project's own kernels tell XLA their FLOPs (else the fit check's FLOPs per step would
+    # count them as 0); JAX's splash kernels do not, and the fit check adds attention itself
+    lora = [line for line, name in zip(calls, names) if name.startswith("lora")]
+    assert lora and all(re.search(r"\\22flops\\22:[1-9]", line) for line in lora)
 
 
 @pytest.mark.slow  # the XLA TPU compile: ~15 s of CPU; fast cover: the lowering test above
@@ -129,8 +136,9 @@ def test_fit_check_compiles_mosaic_kernels_and_never_the_cpu_attention(monkeypat
     hlo = kept[0].as_text()
     assert hlo.count("tpu_custom_call") >= 6  # the fused LoRA kernels are in the TPU executable
     assert TPU_MARK in hlo and CPU_MARK not in hlo  # and the CPU attention is not
-    assert report.seams == {"kernels": "pallas-tpu (Mosaic)", "attention": "dot_product_attention"}
-    assert "seams (v5e): kernels pallas-tpu (Mosaic), attention dot_product_attention" in report.text()
+    assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo  # the Mosaic attention kernels themselves
+    assert report.seams == {"kernels": "pallas-tpu (Mosaic)", "attention": "splash"}
+    assert "seams (v5e): kernels pallas-tpu (Mosaic), attention splash" in report.text()
     assert report.to_dict()["seams"] == report.seams  # `jaxlearn compile --json`
 
 
