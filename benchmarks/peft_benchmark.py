@@ -12,6 +12,10 @@ targets (memory <= 0.5x, step time <= 0.75x).
     python benchmarks/peft_benchmark.py                       # SmolLM2-135M (4-bit-quantized weights, dequantized)
     python benchmarks/peft_benchmark.py --remat none --loss-chunk 0   # without remat / chunked loss
     python benchmarks/peft_benchmark.py --model tiny --steps 3  # seconds, for a smoke run
+    python benchmarks/peft_benchmark.py --only full lora_r8 --loss-chunks 0 256 1024   # the loss_chunk default
+
+With `--loss-chunks`, every method runs once per chunk size (rows "lora_r8 chunk 256"), all timed
+interleaved in the same rounds, and each row's ratios are to the same method's first chunk size.
 """
 
 from __future__ import annotations
@@ -84,13 +88,16 @@ def run(args) -> dict:
     # Build and compile every method first, then time their steps interleaved (full, lora_r8,
     # ..., full, lora_r8, ...): anything else loading the CPU then slows all methods alike, and
     # each ratio to full fine-tuning is taken within one round.
-    runs, rows = {}, {}
-    for name, peft in _variants().items():
-        if args.only and name not in args.only:
-            continue
+    runs, rows, refs = {}, {}, {}
+    chunks = args.loss_chunks or [args.loss_chunk]
+    variants = [(method if len(chunks) == 1 else f"{method} chunk {c}", method, peft, c)
+                for method, peft in _variants().items() if not args.only or method in args.only for c in chunks]
+    for name, method, peft, chunk in variants:
+        # ratios: to full fine-tuning; with several chunk sizes, to the same method's first one
+        refs[name] = "full" if len(chunks) == 1 else f"{method} chunk {chunks[0]}"
         print(f"[{name}] building state and compiling ...", flush=True)
         cfg = Config(model=model_cfg, peft=peft, mesh=mc, optim=OptimConfig(lr=1e-4, warmup_steps=0),
-                     objective=LMConfig(loss_chunk=args.loss_chunk))
+                     objective=LMConfig(loss_chunk=chunk))
         model = Transformer(model_cfg, shard)
         setup = build_state(model, cfg, mesh, rules, total_steps=100, params=pretrained)
         step = compile_train_step(make_objective(model, cfg.objective), setup, shard.batch_sharding())
@@ -102,7 +109,7 @@ def run(args) -> dict:
                 - mem.alias_size_in_bytes) if mem is not None else float("nan")
         state = setup.state
         rows[name] = {
-            "compile_s": compile_s, "step_memory_bytes": peak,
+            "loss_chunk": chunk, "ratio_to": refs[name], "compile_s": compile_s, "step_memory_bytes": peak,
             "argument_bytes": mem.argument_size_in_bytes if mem else None,
             "temp_bytes": mem.temp_size_in_bytes if mem else None,
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
@@ -127,15 +134,15 @@ def run(args) -> dict:
     for name, r in rows.items():
         r["step_s"] = statistics.median(r["times"])
         r["tokens_per_s"] = b * t / r["step_s"]
-    full = rows.get("full")
     for r in rows.values():
-        if full:
+        ref = rows.get(r["ratio_to"])
+        if ref:
             # median over rounds of the ratio within each round (robust to drifting load)
-            r["step_time_vs_full"] = statistics.median(x / f for x, f in zip(r["times"], full["times"]))
-            r["memory_vs_full"] = r["step_memory_bytes"] / full["step_memory_bytes"]
+            r["step_time_vs_full"] = statistics.median(x / f for x, f in zip(r["times"], ref["times"]))
+            r["memory_vs_full"] = r["step_memory_bytes"] / ref["step_memory_bytes"]
     return {
         "model": args.model, "model_config": dataclasses.asdict(model_cfg), "batch": b, "seq_len": t,
-        "remat": args.remat, "loss_chunk": args.loss_chunk, "steps_timed": args.steps, "device": str(jax.devices()[0]),
+        "remat": args.remat, "loss_chunk": chunks[0] if len(chunks) == 1 else chunks, "steps_timed": args.steps, "device": str(jax.devices()[0]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
     }
 
@@ -144,13 +151,14 @@ def markdown(result: dict) -> str:
     lines = [f"Model `{result['model']}`, batch {result['batch']} x {result['seq_len']} tokens, remat "
              f"`{result['remat']}`, loss_chunk {result.get('loss_chunk', 0)}, {result['device']}, median of "
              f"{result['steps_timed']} steps.", "",
-             "| method | trainable params | optimizer state | step memory (XLA) | memory vs full | step time | "
-             "time vs full | tokens/s | compile |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | trainable params | optimizer state | step memory (XLA) | memory vs ref. | step time | "
+             "time vs ref. | ref. | tokens/s | compile |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
         lines.append(
             f"| {name} | {r['trainable_params']:,} | {r['optimizer_state_bytes'] / 2**20:.1f} MiB | "
             f"{r['step_memory_bytes'] / 2**20:.0f} MiB | {r.get('memory_vs_full', float('nan')):.2f}x | "
-            f"{r['step_s']:.2f} s | {r.get('step_time_vs_full', float('nan')):.2f}x | {r['tokens_per_s']:.0f} | "
+            f"{r['step_s']:.2f} s | {r.get('step_time_vs_full', float('nan')):.2f}x | {r.get('ratio_to', 'full')} | "
+            f"{r['tokens_per_s']:.0f} | "
             f"{r['compile_s']:.1f} s |")
     return "\n".join(lines) + "\n"
 
@@ -198,6 +206,8 @@ def main() -> None:
     p.add_argument("--remat", default="dots_no_batch", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--loss-chunk", type=int, default=256,
                    help="objective.loss_chunk: LM head + loss fused over this many tokens at a time (0: off)")
+    p.add_argument("--loss-chunks", type=int, nargs="*", default=None,
+                   help="several loss_chunk values, each run for every method in the same timed rounds")
     p.add_argument("--only", nargs="*", help="subset of: full lora_r8 lora_r16 ia3 prompt_16")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -207,7 +217,7 @@ def main() -> None:
     _atomic_write(out / "peft_benchmark.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     _atomic_write(out / "peft_benchmark.md", table)
-    if "full" in result["rows"]:
+    if "full" in result["rows"] and not args.loss_chunks:
         print(f"plot: {plot(result, out / 'peft_benchmark.png')}")
     print(table)
 

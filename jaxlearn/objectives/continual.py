@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxlearn.config import ConfigError, ObjectiveConfig, PeftConfig
 from jaxlearn.objectives.base import Objective
+from jaxlearn.objectives.chunked_loss import DEFAULT_LOSS_CHUNK
 from jaxlearn.objectives.forward import model_params
 from jaxlearn.objectives.lm import LMConfig, LMObjective
 from jaxlearn.peft import continual as cm
@@ -71,7 +72,7 @@ class ContinualConfig(ObjectiveConfig):
     ella_normalize: Literal["rms", "none"] = "rms"  # W_hat = W_past / rms(W_past) per matrix, or raw
     share_k: int = 8  # Share: size of the shared basis per side (in, out) of a matrix
     share_extra_rank: int = 0  # Share: temporary plain-LoRA rank trained beside the coefficients
-    loss_chunk: int = 0  # as objective.loss_chunk of `lm`
+    loss_chunk: int = DEFAULT_LOSS_CHUNK  # as objective.loss_chunk of `lm`
 
     def __post_init__(self):
         for name in ("rank", "share_k"):

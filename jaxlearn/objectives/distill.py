@@ -46,6 +46,7 @@ from jaxlearn.config import ConfigError, ModelConfig, ObjectiveConfig
 from jaxlearn.models.transformer import Transformer, plain_lm_head
 from jaxlearn.objectives import distill_losses as L
 from jaxlearn.objectives.base import Objective
+from jaxlearn.objectives.chunked_loss import DEFAULT_LOSS_CHUNK
 from jaxlearn.objectives.forward import hidden_states, model_params, token_cross_entropy
 from jaxlearn.train.extras import FrozenModel
 
@@ -63,7 +64,7 @@ class DistillConfig(ObjectiveConfig):
     # > 0: the loss on the teacher's top-k tokens + one tail bucket (a lower bound; exact at k = V)
     top_k: int = 0
     # > 0: both LM heads run this many tokens at a time (no [tokens, vocab] logits exist whole)
-    loss_chunk: int = 0
+    loss_chunk: int = DEFAULT_LOSS_CHUNK
     # The teacher's model block: architecture and weights (teacher.init_from: a preset, .gguf,
     # Hugging Face directory or jaxlearn run directory). Same vocab_size as the student.
     teacher: ModelConfig = ModelConfig()

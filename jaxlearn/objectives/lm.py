@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jaxlearn.config import ConfigError, ObjectiveConfig
 from jaxlearn.models.transformer import plain_lm_head
 from jaxlearn.objectives.base import Objective
-from jaxlearn.objectives.chunked_loss import _chunks, _logits, chunked_head_loss
+from jaxlearn.objectives.chunked_loss import DEFAULT_LOSS_CHUNK, _chunks, _logits, chunked_head_loss
 from jaxlearn.objectives.distill_losses import divergence
-from jaxlearn.objectives.forward import model_params, hidden_states, logits, token_cross_entropy
+from jaxlearn.objectives.forward import hidden_states, logits, model_params, token_cross_entropy
 
 __all__ = ["LMConfig", "LMObjective", "make_objective", "token_cross_entropy", "token_kl"]
 
@@ -39,7 +39,7 @@ class LMConfig(ObjectiveConfig):
     # > 0: the LM head and the loss run fused, this many tokens at a time, so no [tokens, vocab]
     # logits (or their gradient) exist whole (jaxlearn/objectives/chunked_loss.py). Same loss
     # and gradients; much less memory with large vocabularies. 0: logits computed whole.
-    loss_chunk: int = 0
+    loss_chunk: int = DEFAULT_LOSS_CHUNK
     # > 0: + kl_to_base x sum over scored tokens of KL(policy || base), exact over the vocabulary;
     # the base is the reference policy (PEFT: adapters off; full fine-tuning: the frozen start).
     # Metric `kl_base` (nats per token). 0: off, and no reference is loaded or run.

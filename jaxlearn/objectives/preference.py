@@ -33,13 +33,14 @@ from jaxlearn.config import ConfigError, ObjectiveConfig
 from jaxlearn.data.preference import PAIR_FEATURES
 from jaxlearn.objectives import preference_losses as L
 from jaxlearn.objectives.base import Objective
+from jaxlearn.objectives.chunked_loss import DEFAULT_LOSS_CHUNK
 from jaxlearn.objectives.forward import masked_sum, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
 class _PrefConfig(ObjectiveConfig):
     # > 0: the LM head runs this many tokens at a time (no [tokens, vocab] logits exist whole)
-    loss_chunk: int = 0
+    loss_chunk: int = DEFAULT_LOSS_CHUNK
 
     def __post_init__(self):
         for name in ("beta", "tau"):

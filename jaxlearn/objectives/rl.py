@@ -46,6 +46,7 @@ import numpy as np
 from jaxlearn.config import ConfigError, ObjectiveConfig
 from jaxlearn.objectives import rl_losses as L
 from jaxlearn.objectives.base import Objective
+from jaxlearn.objectives.chunked_loss import DEFAULT_LOSS_CHUNK
 from jaxlearn.objectives.forward import hidden_states, model_params, token_logprobs
 
 
@@ -80,7 +81,7 @@ class GRPOConfig(ObjectiveConfig):
     reward_weights: tuple[float, ...] = ()
     max_words: int = 3  # the `format` term's bare-answer length
     target_chars: int = 24  # the `length` term's budget
-    loss_chunk: int = 0  # > 0: the LM head runs this many tokens at a time
+    loss_chunk: int = DEFAULT_LOSS_CHUNK  # > 0: the LM head runs this many tokens at a time
     seed: int = 0  # sampling
 
     def __post_init__(self):
@@ -252,7 +253,7 @@ class PPOConfig(ObjectiveConfig):
     reward_weights: tuple[float, ...] = ()
     max_words: int = 3
     target_chars: int = 24
-    loss_chunk: int = 0
+    loss_chunk: int = DEFAULT_LOSS_CHUNK
     seed: int = 0
 
     def __post_init__(self):
