@@ -205,8 +205,10 @@ class DataConfig:
     # always chat. Loss falls on assistant tokens only unless train_on_prompt.
     # `preference`: (prompt, chosen, rejected) records, one pair per row (jaxlearn/data/preference.py);
     # the wordnet_*_prefs sources are always preference pairs.
+    # `unpaired`: (prompt, completion, label) records, desirable or not, for KTO; two per row
+    # (jaxlearn/data/preference.py `unpaired_pairs`).
     # `prompts`: prompts with an accept-set for RL, left-padded to seq_len (jaxlearn/data/prompts.py).
-    format: Literal["text", "chat", "preference", "prompts"] = "text"
+    format: Literal["text", "chat", "preference", "unpaired", "prompts"] = "text"
     train_on_prompt: bool = False
     # Examples longer than seq_len + 1 tokens: `left` cuts prompt tokens from the left when the
     # whole response still fits (else the example is dropped); `drop` drops them. Both counted.

@@ -214,6 +214,8 @@ FORMATS: Mapping[str, FormatBuilder] = types.MappingProxyType({
     "text": FormatBuilder(_text_train, _text_held_out),
     "chat": FormatBuilder(_chat_train, _chat_held_out, label="SFT"),
     "preference": FormatBuilder(_pref_train, _pref_held_out, label="Preference"),
+    # unpaired KTO records: the pairs' layout and batching, two independent examples per row
+    "unpaired": FormatBuilder(_pref_train, _pref_held_out, label="Unpaired (KTO)"),
     "prompts": FormatBuilder(_prompt_train, _prompt_held_out, label="Prompt"),
 })
 

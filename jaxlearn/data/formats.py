@@ -2,7 +2,8 @@
 
 `text`: documents for pretraining (`jaxlearn.data.pipeline`); `chat`: conversations for
 supervised fine-tuning (`jaxlearn.data.sft`); `preference`: (prompt, chosen, rejected) pairs
-(`jaxlearn.data.preference`). `jaxlearn.data.feed.make_feed` dispatches on
+(`jaxlearn.data.preference`); `unpaired`: (prompt, completion, label) records for KTO, packed two
+to a row in the pairs' layout (`jaxlearn.data.preference.unpaired_pairs`). `jaxlearn.data.feed.make_feed` dispatches on
 `data_format`; nothing else inspects `data.format` or the source name for this. Example::
 
     data_format(DataConfig(source="wordnet"))   # 'chat'

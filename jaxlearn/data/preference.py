@@ -13,6 +13,12 @@ builders on data the project already fetches:
 Optional record fields `ref_chosen_logp` / `ref_rejected_logp` carry stored reference
 log-probs (`objective.reference: stored`).
 
+Unpaired records for KTO (`data.format: unpaired`, JSONL/Parquet): `{prompt | messages,
+completion, label}` with `label` true/false (also 1/0, "desirable"/"undesirable"). They are
+packed two to a row in the same layout, a desirable example in slot 0 and an undesirable one in
+slot 1 while both kinds last (`unpaired_pairs`); each slot keeps its own prompt, and
+`pref_labels` says what each slot is (1 desirable, 0 undesirable, -1 an empty slot).
+
 Encoding: both responses are rendered after the SAME prompt with the tokenizer's chat template
 (the prompt's tokens are identical in both rows; a test checks it); the loss mask covers the
 assistant response only, so log-probs are summed over response tokens only. A pair is kept only
@@ -23,6 +29,7 @@ A batch holds, for B pairs (padding pairs have `pair_mask` 0):
     loss_mask                                 float32 [B, 2, T]   1.0 on response targets
     pair_mask                                 float32 [B]         1.0 for a real pair
     ref_logps                                 float32 [B, 2]      stored reference log-probs (0 if none)
+    pref_labels                               float32 [B, 2]      (1, 0) for a pair; unpaired: per slot
 
 Example::
 
@@ -46,7 +53,7 @@ import numpy as np
 from jaxlearn.data.batching import per_shard_batch
 from jaxlearn.data.corpora import fetch_wordnet, stable_fraction
 from jaxlearn.data.errors import DataError
-from jaxlearn.data.formats import PREFERENCE_SOURCES
+from jaxlearn.data.formats import PREFERENCE_SOURCES, data_format
 from jaxlearn.data.instruct import (ROLES, _records, chat_record_messages, read_wordnet_synsets, split_of,
                                     wordnet_antonyms, wordnet_definitions)
 from jaxlearn.data.sft import encode_example
@@ -66,6 +73,10 @@ class PreferencePair:
     rejected: str
     split: str = "train"
     ref_logps: tuple[float, float] | None = None  # stored reference log-probs (chosen, rejected)
+    # What each slot is: 1 desirable, 0 undesirable, -1 empty. A pair is (1, 0); two packed
+    # unpaired examples carry their own labels, and slot 1 its own prompt (`rejected_prompt`).
+    labels: tuple[float, float] = (1.0, 0.0)
+    rejected_prompt: tuple[dict, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -166,18 +177,7 @@ def _record_pair(record: Any, where: str, fractions) -> PreferencePair:
     if missing or not ("prompt" in record or "messages" in record):
         raise DataError(f"{where}: a preference record needs 'prompt' (or 'messages') and non-empty 'chosen' and "
                         f"'rejected' strings; it has keys {sorted(record)}.")
-    if "messages" in record:
-        prompt = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
-                                      where)[:-1]
-        if prompt[-1]["role"] != "user":
-            raise DataError(f"{where}: 'messages' must end with a user turn (the replies are 'chosen'/'rejected').")
-    else:
-        if not isinstance(record["prompt"], str):
-            raise DataError(f"{where}: 'prompt' must be a string.")
-        prompt = [{"role": "user", "content": record["prompt"]}]
-        if isinstance(record.get("system"), str) and record["system"]:
-            prompt.insert(0, {"role": "system", "content": record["system"]})
-    assert all(m["role"] in ROLES for m in prompt)
+    prompt = _record_prompt(record, where, "'chosen'/'rejected'")
     ref = None
     if "ref_chosen_logp" in record or "ref_rejected_logp" in record:
         try:
@@ -187,8 +187,96 @@ def _record_pair(record: Any, where: str, fractions) -> PreferencePair:
                             "'ref_rejected_logp' as numbers.") from None
     key = str(record["id"]) if "id" in record else json.dumps([prompt, record["chosen"], record["rejected"]],
                                                               sort_keys=True)
-    return PreferencePair(where, tuple(prompt), record["chosen"], record["rejected"],
+    return PreferencePair(where, prompt, record["chosen"], record["rejected"],
                           split_of(f"pref:{key}", fractions), ref)
+
+
+def _record_prompt(record: dict, where: str, replies: str) -> tuple[dict, ...]:
+    """The prompt messages of a record: `messages` ending with a user turn, or `prompt` (+ `system`)."""
+    if "messages" in record:
+        prompt = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
+                                      where)[:-1]
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: 'messages' must end with a user turn (the replies are {replies}).")
+    else:
+        if not isinstance(record.get("prompt"), str):
+            raise DataError(f"{where}: 'prompt' must be a string (or give 'messages').")
+        prompt = [{"role": "user", "content": record["prompt"]}]
+        if isinstance(record.get("system"), str) and record["system"]:
+            prompt.insert(0, {"role": "system", "content": record["system"]})
+    assert all(m["role"] in ROLES for m in prompt)
+    return tuple(prompt)
+
+
+# JSON true/false; 1/0 hash as True/False, so they are accepted too (a float label is refused).
+_LABELS = {True: 1.0, False: 0.0, "desirable": 1.0, "undesirable": 0.0, "true": 1.0, "false": 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedExample:
+    """One KTO record: a prompt, a completion, and whether the completion is desirable."""
+
+    id: str
+    prompt: tuple[dict, ...]
+    completion: str
+    desirable: bool
+    split: str = "train"
+
+
+def unpaired_examples(paths: Sequence[str | os.PathLike], eval_fraction: float) -> list[UnpairedExample]:
+    """Records `{prompt | messages, completion, label}` (optional `id`, `system`) from JSONL/Parquet;
+    errors name the file and line.
+
+    >>> unpaired_examples(["kto.jsonl"], 0.1)[0].desirable      # doctest: +SKIP
+    True
+    """
+    from jaxlearn.data.sources import expand_paths
+
+    half = eval_fraction / 2
+    out = []
+    for path in expand_paths(paths, what="unpaired (KTO) data"):
+        for where, record in _records(path):
+            completion = record.get("completion") if isinstance(record, dict) else None
+            if not isinstance(completion, str) or not completion:
+                raise DataError(f"{where}: an unpaired record needs 'prompt' (or 'messages'), a non-empty 'completion' "
+                                "string and a 'label' (true/false); "
+                                f"it has {sorted(record) if isinstance(record, dict) else type(record).__name__}.")
+            label = record.get("label")
+            key = label.lower() if isinstance(label, str) else label
+            if isinstance(key, float) or key not in _LABELS:  # 1.0 hashes as 1: refuse floats explicitly
+                raise DataError(f"{where}: 'label' is {label!r}; use true (desirable) or false (undesirable) "
+                                "(1/0 and \"desirable\"/\"undesirable\" also work).")
+            prompt = _record_prompt(record, where, "'completion'")
+            ident = str(record["id"]) if "id" in record else json.dumps([prompt, record["completion"]], sort_keys=True)
+            out.append(UnpairedExample(where, prompt, record["completion"], _LABELS[key] == 1.0,
+                                       split_of(f"kto:{ident}", (1 - eval_fraction, half, half))))
+    if not out:
+        raise DataError(f"the unpaired data files {list(map(str, paths))} hold no records.")
+    return out
+
+
+def unpaired_pairs(examples: Sequence[UnpairedExample]) -> list[PreferencePair]:
+    """Pack unpaired examples two to a row: desirable + undesirable while both kinds last (so a
+    row's slots compare like a pair's), then two of the same kind, then one with an empty slot.
+    Order within each kind is kept (the feed shuffles rows).
+
+    >>> ex = [UnpairedExample(str(i), ({"role": "user", "content": "q"},), "a", i % 2 == 0) for i in range(3)]
+    >>> [p.labels for p in unpaired_pairs(ex)]
+    [(1.0, 0.0), (1.0, -1.0)]
+    """
+    good = [e for e in examples if e.desirable]
+    bad = [e for e in examples if not e.desirable]
+    slots = []
+    while good and bad:
+        slots.append((good.pop(0), bad.pop(0)))
+    rest = good or bad
+    slots += [(rest[i], rest[i + 1] if i + 1 < len(rest) else None) for i in range(0, len(rest), 2)]
+    out = []
+    for a, b in slots:
+        label = lambda e: -1.0 if e is None else float(e.desirable)  # noqa: E731
+        out.append(PreferencePair(f"{a.id}+{b.id if b else '-'}", a.prompt, a.completion, b.completion if b else "",
+                                  a.split, labels=(label(a), label(b)), rejected_prompt=b.prompt if b else a.prompt))
+    return out
 
 
 def preference_pairs(data_cfg: Any, split: str) -> list[PreferencePair]:
@@ -200,6 +288,18 @@ def preference_pairs(data_cfg: Any, split: str) -> list[PreferencePair]:
     if split not in _SPLIT:
         raise DataError(f"unknown split {split!r}; use train, eval/validation or test.")
     name, src = _SPLIT[split], data_cfg.source
+    if data_format(data_cfg) == "unpaired":
+        if src not in ("jsonl", "parquet"):
+            raise DataError(f"data.format=unpaired reads your JSONL/Parquet records ({{prompt, completion, label}}): "
+                            f"set data.source to jsonl or parquet and data.paths; got data.source={src!r}.")
+        examples = [e for e in unpaired_examples(data_cfg.paths, data_cfg.eval_fraction) if e.split == name]
+        if name == "train" and data_cfg.max_examples:
+            examples = sorted(examples, key=lambda e: stable_fraction(e.id))[:data_cfg.max_examples]
+        pairs = unpaired_pairs(examples)
+        if not pairs:
+            raise DataError(f"data.format=unpaired: the {name} split holds no records. Add data, or raise "
+                            "data.eval_fraction.")
+        return pairs
     if src == "wordnet_antonym_prefs":
         pairs = wordnet_antonym_pairs()
     elif src == "wordnet_definition_prefs":
@@ -233,20 +333,27 @@ def encode_pair(tok: Any, pair: PreferencePair, seq_len: int) -> tuple[dict | No
     >>> row, status = encode_pair(tok, PreferencePair("x", ({"role": "user", "content": "Hi"},), "Hello", "Bye"), 32)  # doctest: +SKIP
     """
     rows = []
-    for reply in (pair.chosen, pair.rejected):
-        row, status = encode_example(tok, list(pair.prompt) + [{"role": "assistant", "content": reply}], seq_len,
+    prompts = (pair.prompt, pair.rejected_prompt or pair.prompt)
+    for prompt, reply, label in zip(prompts, (pair.chosen, pair.rejected), pair.labels):
+        if label < 0:  # an empty slot (an odd unpaired example out): all zeros, no loss
+            rows.append(None)
+            continue
+        row, status = encode_example(tok, list(prompt) + [{"role": "assistant", "content": reply}], seq_len,
                                      truncation="drop")
         if row is None:
             return None, status
         rows.append(row)
     out = {k: np.zeros((2, seq_len), dt) for k, dt in PAIR_FEATURES.items()}
     for i, row in enumerate(rows):
+        if row is None:
+            continue
         n = len(row["inputs"])
         for k in ("inputs", "targets", "loss_mask"):
             out[k][i, :n] = row[k]
         out["segment_ids"][i, :n] = 1
         out["positions"][i, :n] = np.arange(n)
     out["ref_logps"] = np.asarray(pair.ref_logps or (0.0, 0.0), np.float32)
+    out["pref_labels"] = np.asarray(pair.labels, np.float32)
     return out, "ok"
 
 
@@ -311,7 +418,7 @@ def eval_batches(data_cfg: Any, rows: Sequence[dict], *, max_batches: int | None
     per_shard = per_shard_batch(b, 0, shard_count)
     n = len(rows) if max_batches is None else min(len(rows), max_batches * b)
     pad = {**{k: np.zeros((2, data_cfg.seq_len), dt) for k, dt in PAIR_FEATURES.items()},
-           "ref_logps": np.zeros(2, np.float32)}
+           "ref_logps": np.zeros(2, np.float32), "pref_labels": np.full(2, -1.0, np.float32)}
     out = []
     for lo in range(0, n, b):
         mine = []

@@ -51,6 +51,9 @@ class Objective:
     Config: ClassVar[type] = ObjectiveConfig
     # Evaluation reports exp(ce) (the metric, else exp(loss)) as perplexity: next-token losses in nats/token.
     reports_perplexity: ClassVar[bool] = False
+    # Reads `data.format: unpaired` (single labelled replies, two to a row): KTO only; any other
+    # objective is refused such data when it is built (registry.build_objective).
+    reads_unpaired: ClassVar[bool] = False
 
     def __init__(self, model: Any, cfg: ObjectiveConfig, run: Config | None = None):
         self.model = model  # the policy Transformer (carries the sharding context)

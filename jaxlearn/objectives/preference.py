@@ -112,6 +112,7 @@ class PreferenceObjective(Objective):
         shapes = {k: jax.ShapeDtypeStruct((batch_size, 2, seq_len), np.dtype(dt)) for k, dt in PAIR_FEATURES.items()}
         shapes["pair_mask"] = jax.ShapeDtypeStruct((batch_size,), np.float32)
         shapes["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), np.float32)
+        shapes["pref_labels"] = jax.ShapeDtypeStruct((batch_size, 2), np.float32)
         return shapes
 
     def sequence_logps(self, params, batch, rng):
@@ -127,8 +128,9 @@ class PreferenceObjective(Objective):
             return batch["ref_logps"]
         return jax.lax.stop_gradient(self.sequence_logps(self.reference_params(params, extras), batch, None)[0])
 
-    def pair_losses(self, pol, lens, ref):
-        """([B] loss, [B] reward_chosen, [B] reward_rejected, extra metric arrays)."""
+    def pair_losses(self, pol, lens, ref, labels):
+        """([B] loss, [B] reward_chosen, [B] reward_rejected, extra metric arrays). `labels` [B, 2]:
+        (1, 0) for every pair; only objectives that read `data.format: unpaired` (KTO) use it."""
         raise NotImplementedError
 
     def loss(self, params, batch, rng, extras):
@@ -136,7 +138,9 @@ class PreferenceObjective(Objective):
         pol, lens = self.sequence_logps(params, batch, rng)
         lens = jnp.maximum(lens, 1.0)  # padding pairs have no response tokens
         ref = self.reference_logps(params, batch, extras) if self.uses_reference else None
-        losses, rc, rr, extra = self.pair_losses(pol, lens, ref)
+        # what each slot is (1 desirable, 0 undesirable, -1 empty); a batch without it holds pairs
+        labels = batch.get("pref_labels", jnp.broadcast_to(jnp.asarray([1.0, 0.0]), pol.shape))
+        losses, rc, rr, extra = self.pair_losses(pol, lens, ref, labels)
         s = lambda x: jnp.sum(x * pm)  # noqa: E731
         metrics = {"reward_chosen": s(rc), "reward_rejected": s(rr), "margin": s(rc - rr),
                    "accuracy": s((rc > rr).astype(jnp.float32)),
@@ -150,7 +154,7 @@ class PreferenceObjective(Objective):
 class DPO(PreferenceObjective):
     Config = DPOConfig
 
-    def pair_losses(self, pol, lens, ref):
+    def pair_losses(self, pol, lens, ref, labels):
         c = self.cfg
         loss = L.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=c.beta, label_smoothing=c.label_smoothing)
         return loss, c.beta * (pol[:, 0] - ref[:, 0]), c.beta * (pol[:, 1] - ref[:, 1]), {}
@@ -159,7 +163,7 @@ class DPO(PreferenceObjective):
 class IPO(PreferenceObjective):
     Config = IPOConfig
 
-    def pair_losses(self, pol, lens, ref):
+    def pair_losses(self, pol, lens, ref, labels):
         loss = L.ipo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], tau=self.cfg.tau)
         return loss, pol[:, 0] - ref[:, 0], pol[:, 1] - ref[:, 1], {}
 
@@ -168,7 +172,7 @@ class SimPO(PreferenceObjective):
     Config = SimPOConfig
     uses_reference = False
 
-    def pair_losses(self, pol, lens, ref):
+    def pair_losses(self, pol, lens, ref, labels):
         c = self.cfg
         loss = L.simpo_loss(pol[:, 0], pol[:, 1], lens[:, 0], lens[:, 1], beta=c.beta, gamma=c.gamma)
         return loss, c.beta * pol[:, 0] / lens[:, 0], c.beta * pol[:, 1] / lens[:, 1], {}
@@ -178,22 +182,28 @@ class ORPO(PreferenceObjective):
     Config = ORPOConfig
     uses_reference = False
 
-    def pair_losses(self, pol, lens, ref):
+    def pair_losses(self, pol, lens, ref, labels):
         loss, nll, ratio = L.orpo_loss(pol[:, 0], pol[:, 1], lens[:, 0], lens[:, 1], lam=self.cfg.lam)
         return loss, pol[:, 0] / lens[:, 0], pol[:, 1] / lens[:, 1], {"sft": nll, "odds_ratio": ratio}
 
 
 class KTO(PreferenceObjective):
-    Config = KTOConfig
+    """Each reply on its own: pairs give a desirable (chosen) and an undesirable (rejected) reply;
+    `data.format: unpaired` gives two independent labelled examples per row (`pref_labels`)."""
 
-    def pair_losses(self, pol, lens, ref):
+    Config = KTOConfig
+    reads_unpaired = True
+
+    def pair_losses(self, pol, lens, ref, labels):
         c = self.cfg
         ratio = pol - ref  # [B, 2]
-        # z0: the batch's KL estimate, a reference point that carries no gradient (paper, sec. 4.1)
+        real = (labels >= 0).astype(jnp.float32)  # an empty slot of an odd unpaired row counts nowhere
+        # z0: the batch's KL estimate, a reference point that carries no gradient (paper, sec. 4.1).
+        # Empty slots and padding pairs have no reply tokens, so their ratio is 0 (as before).
         z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(ratio), 0.0))
-        want = jnp.broadcast_to(jnp.asarray([1.0, 0.0]), ratio.shape)
+        want = jnp.clip(labels, 0.0, 1.0)
         per = L.kto_loss(pol, ref, want, beta=c.beta, z0=z0, lam_d=c.desirable_weight, lam_u=c.undesirable_weight)
-        return per.sum(axis=1), c.beta * ratio[:, 0], c.beta * ratio[:, 1], {}
+        return (per * real).sum(axis=1), c.beta * ratio[:, 0], c.beta * ratio[:, 1], {}
 
 
 def reference_logps(model, params, batches) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ import importlib
 from typing import Any
 
 from jaxlearn.config import Config, ConfigError
+from jaxlearn.data.formats import data_format
 
 BUILTIN: dict[str, str] = {
     "lm": "jaxlearn.objectives.lm:LMObjective",
@@ -62,4 +63,13 @@ def build_objective(model: Any, cfg: Config) -> Any:
 
     >>> objective = build_objective(model, load_config(None))        # doctest: +SKIP
     """
-    return objective_class(cfg.objective.type)(model, cfg.objective, cfg)
+    cls = objective_class(cfg.objective.type)
+    if data_format(cfg.data) == "unpaired" and not cls.reads_unpaired:
+        # unpaired rows put unrelated examples side by side: a pairwise loss on them is noise
+        raise ConfigError(f"data.format=unpaired holds single labelled replies (prompt, completion, label), which "
+                          f"objective.type={cfg.objective.type} cannot use: it compares a chosen and a rejected "
+                          "reply to the same prompt. Use objective.type=kto, or pairs with data.format=preference.")
+    if data_format(cfg.data) == "unpaired" and getattr(cfg.objective, "reference", "auto") == "stored":
+        raise ConfigError("objective.reference=stored reads ref_chosen_logp/ref_rejected_logp from pair records; "
+                          "unpaired records carry none. Use objective.reference=auto with data.format=unpaired.")
+    return cls(model, cfg.objective, cfg)

@@ -64,7 +64,7 @@ def answers(batch) -> list[str]:
 
 
 def test_the_formats_are_one_table():
-    assert set(FORMATS) == {"text", "chat", "preference", "prompts"}
+    assert set(FORMATS) == {"text", "chat", "preference", "unpaired", "prompts"}
     with pytest.raises(DataError, match="data.format='rollouts' has no feed"):  # a format with no builder
         make_feed(dataclasses.replace(DataConfig(), format="rollouts"), CHAT_TOK, process_index=0, process_count=1)
 
