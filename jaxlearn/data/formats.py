@@ -16,7 +16,7 @@ from typing import Any
 # Sources whose documents are conversations whatever `data.format` says.
 CHAT_SOURCES = ("wordnet", "wordnet_antonyms", "wordnet_definitions", "humaneval", "safety_sft")
 # Sources whose records are preference pairs (jaxlearn.data.preference).
-PREFERENCE_SOURCES = ("wordnet_antonym_prefs", "wordnet_definition_prefs", "safety_pairs")
+PREFERENCE_SOURCES = ("wordnet_antonym_prefs", "wordnet_definition_prefs", "humaneval_prefs", "safety_pairs")
 # Sources whose records are prompts with answers, for RL (jaxlearn.data.prompts).
 PROMPT_SOURCES = ("wordnet_antonym_prompts",)
 

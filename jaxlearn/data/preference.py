@@ -7,6 +7,7 @@ builders on data the project already fetches:
 |---|---|---|---|---|
 | `wordnet_antonym_prefs` | `Give an antonym of 'X'.` | an antonym of X | a synonym of X (same synset), else an unrelated word | X's antonym group (as SFT's `wordnet_antonyms`) |
 | `wordnet_definition_prefs` | `Define 'X'.` | the first gloss clause of X | the gloss clause of another word of the same split | the lemma |
+| `humaneval_prefs` | the HumanEval task's instruction | the canonical solution | the same with one AST node mutated, verified in the sandbox to fail the tests (`jaxlearn/data/code_prefs.py`) | the problem, HumanEval's 0.6/0.1/0.3 (as the SFT data and eval task) |
 | `safety_pairs` | a Do-Not-Answer prompt / an allowed prompt (`jaxlearn/data/safety.py`) | a short refusal with a reason / the answer | a compliance opener (no harmful content) / a refusal | as `safety_sft` |
 | `jsonl` / `parquet` | `prompt` (or `messages`, multi-turn) | `chosen` | `rejected` | the record's `id`, else its JSON |
 
@@ -304,6 +305,10 @@ def preference_pairs(data_cfg: Any, split: str) -> list[PreferencePair]:
         pairs = wordnet_antonym_pairs()
     elif src == "wordnet_definition_prefs":
         pairs = wordnet_definition_pairs()
+    elif src == "humaneval_prefs":  # canonical solution > a one-node mutant verified to fail (code_prefs.py)
+        from jaxlearn.data.code_prefs import humaneval_pairs
+
+        pairs = humaneval_pairs()
     elif src == "safety_pairs":  # refusal > compliance / answer > refusal (jaxlearn/data/safety.py)
         from jaxlearn.data.safety import safety_pairs
 
