@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb = rls.add_parser("label", help="judge two candidates per prompt (sampled from --policy, or --candidates) "
                                       "-> preference JSONL for data.format: preference")
     for r in (ra, rb):
-        r.add_argument("--judge", required=True, help="judge model: a preset (smollm2-135m-instruct), run or HF dir")
+        r.add_argument("--judge", required=True, help="judge model: a preset (smollm2-135m-instruct), run or HF dir; "
+                       "for `label` also reward:TERMS, a checkable scorer (reward:accept, reward:accept,format=0.1)")
         r.add_argument("--judge-adapter", help="an adapter version directory to put on the judge")
         r.add_argument("--rubric", help="general, antonym, a file, or a text with {prompt}, {a}, {b} "
                                         "(default: antonym for WordNet antonym sources, else general)")
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--candidates", help="instead of --policy: a JSONL of {prompt, responses: [x, y]}")
     rb.add_argument("--source", default="wordnet_antonym_prompts",
                     help="prompts for --policy: wordnet_antonym_prompts or a prompts .jsonl ({prompt | messages})")
+    rb.add_argument("--samples", type=_positive_int, default=2,
+                    help="replies sampled per prompt; with a reward:TERMS judge the best and the worst make the pair")
     rb.add_argument("--temperature", type=float, default=1.0)
     rb.add_argument("--top-p", type=float, default=1.0)
     rb.add_argument("--max-new-tokens", type=_positive_int, default=16)

@@ -19,9 +19,12 @@ from jaxlearn.data.errors import DataError
 from jaxlearn.rlaif.judge import RUBRICS, Judge, agreement, check_rubric
 from jaxlearn.rlaif.labels import (
     LabelStats,
+    Samples,
+    label_by_reward,
     label_candidates,
     read_candidates,
     sample_candidates,
+    sample_replies,
     write_jsonl_atomic,
 )
 
@@ -161,29 +164,66 @@ def run_agree(args) -> int:
     return 0
 
 
+def reward_judge(spec: str):
+    """`reward:TERMS` -> a checkable scorer (`jaxlearn.rewards.make_reward`), or None for a model
+    judge. TERMS: comma-separated names, each optionally `=weight`.
+
+    >>> reward_judge("reward:accept,format=0.1")("", "cold", {"answers": ["cold"]})
+    1.1
+    >>> reward_judge("smollm2-135m-instruct") is None
+    True
+    """
+    if not spec.startswith("reward:"):
+        return None
+    from jaxlearn.rewards import make_reward
+
+    terms = []
+    for term in filter(None, spec.removeprefix("reward:").split(",")):
+        name, _, weight = term.partition("=")
+        try:
+            terms.append((name.strip(), float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"--judge {spec}: the weight of {name!r} is not a number.") from None
+    if not terms:
+        raise ValueError(f"--judge {spec}: name at least one reward term, e.g. reward:accept.")
+    return make_reward(terms)
+
+
 def run_label(args) -> int:
-    """`jaxlearn rlaif label`: candidates (a file, or two policy samples per prompt), judged in both
-    orders -> preference JSONL (atomically) and a `.summary.json` beside it."""
+    """`jaxlearn rlaif label`: candidates (a file, or policy samples per prompt) labelled by a judge
+    model (both orders) or by a checkable scorer (`--judge reward:accept`) -> preference JSONL
+    (atomically) and a `.summary.json` beside it."""
     if bool(args.policy) == bool(args.candidates):
-        raise ValueError("give exactly one of --policy MODEL_OR_RUN (sample two replies per prompt) or "
+        raise ValueError("give exactly one of --policy MODEL_OR_RUN (sample replies per prompt) or "
                          "--candidates FILE.jsonl (records with 'prompt' and 'responses': [x, y]).")
+    scorer = reward_judge(args.judge)
+    if args.samples != 2 and scorer is None:
+        raise ValueError("--samples above 2 needs a checkable scorer (--judge reward:accept): the judge compares two.")
     rubric_name, rubric = resolve_rubric(args.rubric, "" if args.candidates else args.source)
     if args.candidates:
         cands = _sample(read_candidates(args.candidates), args.limit)
         stats = LabelStats(prompts=len(cands))
     else:
         prompts = load_prompts(args.source, args.split, args.limit)
-    judge = load_judge(args.judge, adapter=args.judge_adapter, rubric=rubric, system=args.system,
-                       batch_size=args.batch_size)
+    judge = None if scorer else load_judge(args.judge, adapter=args.judge_adapter, rubric=rubric, system=args.system,
+                                           batch_size=args.batch_size)
+    sample = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                  batch_size=args.batch_size, seed=args.seed)
     if not args.candidates:
         from jaxlearn.eval.models import load_eval_model
 
-        same = args.policy == args.judge and args.policy_adapter == args.judge_adapter and hasattr(judge, "em")
+        same = judge is not None and args.policy == args.judge and args.policy_adapter == args.judge_adapter \
+            and hasattr(judge, "em")
         policy = judge.em if same else load_eval_model(args.policy, adapter=args.policy_adapter)
-        cands, stats = sample_candidates(policy, prompts, temperature=args.temperature, top_p=args.top_p,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                         seed=args.seed)
-    records, stats = label_candidates(judge, cands, drop_inconsistent=args.drop_inconsistent, stats=stats)
+    if scorer is not None:  # checkable labels: best vs worst of the samples by the reward
+        samples = ([Samples(c.id, c.prompt, (c.first, c.second), c.record) for c in cands] if args.candidates
+                   else sample_replies(policy, prompts, args.samples, **sample))
+        records, stats = label_by_reward(scorer, samples)
+        rubric_name, rubric = args.judge, None
+    else:
+        if not args.candidates:
+            cands, stats = sample_candidates(policy, prompts, **sample)
+        records, stats = label_candidates(judge, cands, drop_inconsistent=args.drop_inconsistent, stats=stats)
     print(stats.summary())
     if not records:
         raise DataError("no preference pair was labelled (see the counts above): nothing to write. Sample more "
@@ -193,7 +233,8 @@ def run_label(args) -> int:
     split = None if args.candidates else args.split or ("all" if _is_file_source(args.source) else "train")
     _write_json(summary, {"judge": args.judge, "policy": args.policy, "candidates": args.candidates,
                           "source": None if args.candidates else args.source, "split": split, "rubric_name": rubric_name, "rubric": rubric,
-                          "temperature": args.temperature, "drop_inconsistent": args.drop_inconsistent,
+                          "temperature": args.temperature, "samples": args.samples,
+                          "drop_inconsistent": args.drop_inconsistent,
                           "stats": vars(stats)})
     for r in records[:3]:
         print(json.dumps(r, ensure_ascii=False))

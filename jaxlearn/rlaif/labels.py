@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,24 @@ from jaxlearn.rlaif.judge import Scorer, judge_pairs, question_text
 
 @dataclasses.dataclass(frozen=True)
 class Candidates:
-    """One prompt (messages up to the assistant's turn) and two responses to compare."""
+    """One prompt (messages up to the assistant's turn) and two responses to compare; `record`
+    is what a checkable reward reads (`answers`, from the prompt's data record)."""
 
     id: str
     prompt: tuple[dict, ...]
     first: str
     second: str
+    record: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """One prompt and N sampled replies (end-of-turn cut, stripped), with its data record."""
+
+    id: str
+    prompt: tuple[dict, ...]
+    replies: tuple[str, ...]
+    record: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -78,46 +90,104 @@ def _cut_at_end_of_turn(text: str) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
-def sample_candidates(policy: Any, prompts: Sequence[Any], *, temperature: float = 1.0, top_p: float = 1.0,
-                      max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0,
-                      stats: LabelStats | None = None) -> tuple[list[Candidates], LabelStats]:
-    """Two sampled replies per prompt from `policy` (an `EvalModel`); identical or empty pairs skipped.
+def sample_replies(policy: Any, prompts: Sequence[Any], n: int = 2, *, temperature: float = 1.0, top_p: float = 1.0,
+                   max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0) -> list[Samples]:
+    """`n` sampled replies per prompt from `policy` (an `EvalModel`), every prompt kept.
 
-    `prompts` are `PromptRecord`s (or anything with `id` and `prompt` messages). Sampling needs
-    `temperature` > 0, else both samples are the greedy reply. Each prompt's two rows sit in the
-    same batch with different random streams; batches are padded to `batch_size` rows.
+    `prompts` are `PromptRecord`s (or anything with `id` and `prompt` messages; `as_record()`,
+    when present, becomes `Samples.record`). Sampling needs `temperature` > 0, else every sample
+    is the greedy reply. A prompt's n rows sit in the same batch with different random streams;
+    batches are padded to `batch_size` rows (at least n).
 
-    >>> cands, stats = sample_candidates(em, wordnet_antonym_prompts()[:8], temperature=1.0)  # doctest: +SKIP
-    >>> cands[0].first, cands[0].second                                                       # doctest: +SKIP
-    ('cold', 'freezing')
+    >>> samples = sample_replies(em, wordnet_antonym_prompts()[:8], 4, temperature=1.0)   # doctest: +SKIP
+    >>> samples[0].replies                                                                # doctest: +SKIP
+    ('cold', 'freezing', 'The opposite of hot is cold.', 'cold')
     """
     if temperature <= 0:
-        raise ValueError("sampling two candidates needs a temperature above 0 (at 0 both are the greedy reply).")
-    stats = stats or LabelStats()
+        raise ValueError(f"sampling {n} replies per prompt needs a temperature above 0 (at 0 all are the greedy reply).")
+    if n < 2:
+        raise ValueError(f"a pair needs at least 2 samples per prompt, got {n}.")
     tok = policy.tokenizer
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop_tokens=stop_ids(tok) if hasattr(tok, "special_tokens") else (tok.eos_id,),
                               pad_id=tok.pad_id)
-    per_batch = max(batch_size // 2, 1)
-    rows = max(batch_size, 2)
+    per_batch = max(batch_size // n, 1)
+    rows = max(batch_size, n)
     key = jax.random.PRNGKey(seed)
     out = []
     for b, lo in enumerate(range(0, len(prompts), per_batch)):
         chunk = prompts[lo:lo + per_batch]
         ids = [encode_prompt(chat_tokenizer(tok), list(p.prompt)) for p in chunk]
-        batch = [i for i in ids for _ in range(2)]
+        batch = [i for i in ids for _ in range(n)]
         batch += [batch[-1]] * (rows - len(batch))
         gen = generate(policy.model, policy.params, batch, sampling, jax.random.fold_in(key, b))
         for j, p in enumerate(chunk):
-            x, y = (_cut_at_end_of_turn(tok.decode(gen.tokens[2 * j + k])) for k in range(2))
-            stats.prompts += 1
-            if not x or not y:
-                stats.empty += 1
-            elif x == y:
+            replies = tuple(_cut_at_end_of_turn(tok.decode(gen.tokens[n * j + k])) for k in range(n))
+            record = p.as_record() if hasattr(p, "as_record") else {}
+            out.append(Samples(p.id, tuple(p.prompt), replies, record))
+    return out
+
+
+def sample_candidates(policy: Any, prompts: Sequence[Any], *, temperature: float = 1.0, top_p: float = 1.0,
+                      max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0,
+                      stats: LabelStats | None = None) -> tuple[list[Candidates], LabelStats]:
+    """Two sampled replies per prompt from `policy` (`sample_replies`); identical or empty pairs skipped.
+
+    >>> cands, stats = sample_candidates(em, wordnet_antonym_prompts()[:8], temperature=1.0)  # doctest: +SKIP
+    >>> cands[0].first, cands[0].second                                                       # doctest: +SKIP
+    ('cold', 'freezing')
+    """
+    stats = stats or LabelStats()
+    out = []
+    for s in sample_replies(policy, prompts, 2, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, seed=seed):
+        x, y = s.replies
+        stats.prompts += 1
+        if not x or not y:
+            stats.empty += 1
+        elif x == y:
+            stats.identical += 1
+        else:
+            out.append(Candidates(s.id, s.prompt, x, y, s.record))
+    return out, stats
+
+
+def label_by_reward(reward: Callable[[str, str, dict], float], samples: Sequence[Samples], *,
+                    stats: LabelStats | None = None) -> tuple[list[dict], LabelStats]:
+    """Pairs labelled by a checkable scorer instead of a judge: per prompt, a highest-scoring
+    sampled reply is chosen and a lowest-scoring one rejected (`reward(question, reply, record)`,
+    e.g. `jaxlearn.rewards.make_reward({"accept": 1.0})`: the WordNet accept-set). Empty replies
+    are not candidates; prompts whose distinct replies all score the same carry no preference and
+    are counted as ties. Records carry `reward_chosen` / `reward_rejected`.
+
+    >>> s = Samples("1", ({"role": "user", "content": "Give an antonym of 'hot'."},), ("warm", "cold", ""),
+    ...             {"answers": ["cold"]})
+    >>> records, stats = label_by_reward(lambda q, r, rec: float(r in rec["answers"]), [s])
+    >>> records[0]["chosen"], records[0]["rejected"], stats.written
+    ('cold', 'warm', 1)
+    """
+    stats = stats or LabelStats()
+    records = []
+    for s in samples:
+        stats.prompts += 1
+        replies = list(dict.fromkeys(r for r in s.replies if r))  # distinct, non-empty, in sampled order
+        if len(replies) < 2:  # nothing to compare: all empty, or one distinct reply
+            if replies:
                 stats.identical += 1
             else:
-                out.append(Candidates(p.id, tuple(p.prompt), x, y))
-    return out, stats
+                stats.empty += 1
+            continue
+        stats.judged += 1
+        question = question_text(s.prompt)
+        scores = [float(reward(question, r, s.record)) for r in replies]
+        hi, lo = max(range(len(replies)), key=scores.__getitem__), min(range(len(replies)), key=scores.__getitem__)
+        if scores[hi] == scores[lo]:
+            stats.ties += 1
+            continue
+        records.append({"id": s.id, **_prompt_fields(s.prompt), "chosen": replies[hi], "rejected": replies[lo],
+                        "reward_chosen": scores[hi], "reward_rejected": scores[lo]})
+    stats.written = len(records)
+    return records, stats
 
 
 def read_candidates(path: str | os.PathLike) -> list[Candidates]:
@@ -144,7 +214,8 @@ def read_candidates(path: str | os.PathLike) -> list[Candidates]:
                 raise DataError(f"{where}: a candidate record needs 'responses': a list of two strings, and 'prompt' "
                                 "(or 'messages').")
             prompt = _record_prompt(record, where, (1.0, 0.0, 0.0))  # the prompt checks of RL prompt files
-            out.append(Candidates(str(record.get("id", where)), prompt.prompt, responses[0], responses[1]))
+            out.append(Candidates(str(record.get("id", where)), prompt.prompt, responses[0], responses[1],
+                                  prompt.as_record()))
     if not out:
         raise DataError(f"{path} holds no candidate records.")
     return out

@@ -321,3 +321,38 @@ def test_cli_agree_and_label_with_a_stubbed_judge(tmp_path, monkeypatch, em, cap
     # Neither --policy nor --candidates: one line, exit status 2.
     assert main(["rlaif", "label", "--judge", "stub", "--out", str(pairs_out)]) == 2
     assert "exactly one of --policy" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Pairs sampled from the policy, labelled by a checkable scorer (no judge model)
+
+
+def test_reward_labels_pick_the_best_and_worst_sample(em, monkeypatch, tmp_path):
+    from jaxlearn.data.prompts import PromptRecord
+
+    q = lambda w: ({"role": "user", "content": f"Give an antonym of '{w}'."},)  # noqa: E731
+    prompts = [PromptRecord("hot", q("hot"), ("cold",)), PromptRecord("up", q("up"), ("down",)),
+               PromptRecord("big", q("big"), ("small",))]
+    samples = {0: ["warm", "cold", "cold", "hot"], 1: ["left", "right", "", "top"], 2: ["tiny", "tiny", "", "tiny"]}
+    replies = [TOK.encode(r) for i in range(3) for r in samples[i]]
+    monkeypatch.setattr(labels, "generate", lambda model, params, batch, sampling, rng: Generation(
+        [replies[i] if i < len(replies) else [] for i in range(len(batch))], [True] * len(batch)))
+    got = labels.sample_replies(em, prompts, 4, temperature=1.0, batch_size=12)
+    assert [s.replies for s in got] == [tuple(samples[i]) for i in range(3)]
+    assert got[0].record["answers"] == ["cold"]  # what the reward reads
+    scorer = commands.reward_judge("reward:accept")
+    records, stats = labels.label_by_reward(scorer, got)
+    # hot: a right reply beats the first wrong one; up: every reply wrong (a tie); big: one distinct reply
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in records] == [("hot", "cold", "warm")]
+    assert (records[0]["reward_chosen"], records[0]["reward_rejected"]) == (1.0, 0.0)
+    assert (stats.prompts, stats.judged, stats.ties, stats.identical, stats.written) == (3, 2, 1, 1, 1)
+    # through the CLI, on a candidates file whose records carry the accept-set
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text(json.dumps({"prompt": "Give an antonym of 'hot'.", "answers": ["cold"],
+                                 "responses": ["warm", "cold"]}) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    assert main(["rlaif", "label", "--judge", "reward:accept,format=0.1", "--candidates", str(cands),
+                 "--out", str(out)]) == 0
+    assert [(p.chosen, p.rejected) for p in file_pairs([out], 0.0)] == [("cold", "warm")]
+    with pytest.raises(ValueError, match="not a number"):
+        commands.reward_judge("reward:accept=high")
