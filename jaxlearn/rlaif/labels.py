@@ -104,7 +104,8 @@ def sample_replies(policy: Any, prompts: Sequence[Any], n: int = 2, *, temperatu
     ('cold', 'freezing', 'The opposite of hot is cold.', 'cold')
     """
     if temperature <= 0:
-        raise ValueError(f"sampling {n} replies per prompt needs a temperature above 0 (at 0 all are the greedy reply).")
+        raise ValueError(f"sampling {n} replies per prompt needs a temperature above 0 "
+                         "(at 0 all are the greedy reply).")
     if n < 2:
         raise ValueError(f"a pair needs at least 2 samples per prompt, got {n}.")
     tok = policy.tokenizer
