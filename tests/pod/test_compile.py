@@ -131,8 +131,9 @@ def test_smollm2_recipe_on_v5e_2x2_via_cli(tmp_path):
     params, moments = _state_bytes_total(cfg)
     assert params / 4 <= rep["trainable_bytes"] <= params / 4 * 1.05
     assert moments / 4 <= rep["opt_state_bytes"] <= moments / 4 * 1.05 + 64
-    # remat=full runs the forward twice: ~8N/6N of the model FLOPs
+    # remat=full recomputes the layers' forward but for mlp/down (not the LM head): under 8N/6N
     assert 1.0 <= rep["flops_ratio"] <= 1.6, rep["flops_ratio"]
+    assert 0.95 <= rep["expected_ratio"] <= 1.05, rep["expected_ratio"]  # docs/pods.md, "Why XLA's FLOPs differ"
 
 
 @pytest.mark.slow
