@@ -9,6 +9,7 @@ compiled step. Built-in terms, by name:
 |---|---|
 | `accept` | 1.0 if the normalised reply equals any normalised accepted answer (WordNet antonyms: every antonym counts) |
 | `exact` | 1.0 if the normalised reply equals the FIRST accepted answer (the reference) |
+| `contains` | 1.0 if an accepted answer appears in the reply as whole words (a right answer inside a sentence) |
 | `format` | 1.0 if the reply is one line of at most `max_words` words (a bare short answer), else 0.0 |
 | `length` | -min(1, extra / target_chars) for a reply `extra` characters longer than `target_chars` (0 up to it) |
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlearn.eval.scorers import exact_match, normalize_answer
+from jaxlearn.eval.scorers import contains_answer, exact_match, normalize_answer
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 
@@ -49,6 +50,18 @@ def exact_reward(prompt: str, response: str, record: Mapping[str, Any]) -> float
     """
     answers = record.get("answers", ())
     return float(bool(answers) and normalize_answer(response) == normalize_answer(answers[0]))
+
+
+def contains_reward(prompt: str, response: str, record: Mapping[str, Any]) -> float:
+    """1.0 if an accepted answer appears in the reply as whole words, after normalisation: partial
+    credit for a right answer wrapped in a sentence, which `accept` scores 0 (why: a small model
+    starts out answering in sentences, so `accept` alone almost never fires and gives GRPO no
+    signal, and a `format` term alone teaches the format of a bare answer, not the answer).
+
+    >>> contains_reward("", 'Antonym: "unable"', {"answers": ["unable"]}), contains_reward("", "disabled", {"answers": ["able"]})
+    (1.0, 0.0)
+    """
+    return float(contains_answer(response, record.get("answers", ())))
 
 
 def format_reward(prompt: str, response: str, record: Mapping[str, Any], max_words: int = 3) -> float:
@@ -75,6 +88,7 @@ def length_reward(prompt: str, response: str, record: Mapping[str, Any], target_
 REWARDS: Mapping[str, RewardFn] = types.MappingProxyType({
     "accept": accept_reward,
     "exact": exact_reward,
+    "contains": contains_reward,
     "format": format_reward,
     "length": length_reward,
 })

@@ -32,7 +32,7 @@ from typing import Any
 from jaxlearn.data.corpora import fetch_wordnet, stable_fraction
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.instruct import read_wordnet_synsets, wordnet_antonyms, wordnet_definitions
-from jaxlearn.eval.scorers import normalize_answer
+from jaxlearn.eval.scorers import contains_answer, normalize_answer
 
 PROBES = ("facts", "format")
 FACT_RELATIONS = ("capital", "kind", "part", "member")
@@ -276,13 +276,12 @@ def sample_items(items: Sequence[ProbeItem], limit: int | None) -> list[ProbeIte
 
 
 def reply_contains(reply: str, answers: Sequence[str]) -> bool:
-    """Whether an accepted answer appears in the reply as whole words (after normalisation).
+    """Whether an accepted answer appears in the reply as whole words (`scorers.contains_answer`).
 
     >>> reply_contains("The capital of Norway is Oslo.", ["oslo"]), reply_contains("Oslofjord", ["oslo"])
     (True, False)
     """
-    words = f" {normalize_answer(reply)} "
-    return any(f" {normalize_answer(a)} " in words for a in answers if normalize_answer(a))
+    return contains_answer(reply, answers)
 
 
 def score_fact(reply: str, answers: Sequence[str]) -> dict:

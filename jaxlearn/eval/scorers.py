@@ -45,6 +45,16 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
     return any(pred == normalize_answer(a) for a in answers)
 
 
+def contains_answer(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether an accepted answer appears in the prediction as whole words (after normalisation).
+
+    >>> contains_answer("The capital of Norway is Oslo.", ["oslo"]), contains_answer("Oslofjord", ["oslo"])
+    (True, False)
+    """
+    words = f" {normalize_answer(prediction)} "
+    return any(f" {normalize_answer(a)} " in words for a in answers if normalize_answer(a))
+
+
 def extract_code(text: str) -> str:
     """The first fenced code block of a reply (an unclosed fence runs to the end), else the reply.
 

@@ -39,7 +39,7 @@ from jaxlearn.eval import file_tasks
 from jaxlearn.eval.models import EvalModel, corpus_perplexity, generate_replies, reference_nll
 from jaxlearn.eval.probes import probe_runner
 from jaxlearn.eval.refusal import refusal_cue
-from jaxlearn.eval.scorers import execution_passes, exact_match, normalize_answer
+from jaxlearn.eval.scorers import contains_answer, execution_passes, exact_match, normalize_answer
 
 TASKS = ("antonyms", "definitions", "definitions_gen", "file:<path>.jsonl", "humaneval", "perplexity:<corpus>",
          "prefs:<source>", "probes:facts", "probes:format", "safety")
@@ -132,11 +132,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def _contains(reply: str, answers) -> bool:
-    words = f" {normalize_answer(reply)} "
-    return any(f" {normalize_answer(a)} " in words for a in answers)
-
-
 def _generated(em: EvalModel, dataset: str, split: str, limit: int | None, opts: dict, max_new_tokens: int,
                batch_size: int = 16) -> tuple[list[Example], list[str]]:
     """The sampled examples of a generation task and the model's greedy replies to them."""
@@ -154,7 +149,7 @@ def _means(rows: list[dict], keys: tuple[str, ...]) -> dict:
 def _antonyms(em: EvalModel, split: str, limit: int | None, opts: dict) -> tuple[dict, list[dict]]:
     exs, replies = _generated(em, "wordnet_antonyms", split, limit, opts, max_new_tokens=12)
     rows = [{"id": e.id, "prompt": e.prompt[-1]["content"], "reply": r, "answers": list(e.answers),
-             "exact_match": exact_match(r, e.answers), "contains": _contains(r, e.answers)}
+             "exact_match": exact_match(r, e.answers), "contains": contains_answer(r, e.answers)}
             for e, r in zip(exs, replies)]
     return _means(rows, ("exact_match", "contains")), rows
 
