@@ -32,12 +32,6 @@ import time
 from pathlib import Path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args) -> dict:
     import jax
     import numpy as np
@@ -110,12 +104,14 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=value")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    from jaxlearn.train.metrics import atomic_write_text
+
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "rl_throughput.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / "rl_throughput.json", json.dumps(res, indent=1) + "\n")
     table = markdown(res)
-    _atomic_write(out / "rl_throughput.md", table)
+    atomic_write_text(out / "rl_throughput.md", table)
     print(table)
 
 

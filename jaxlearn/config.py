@@ -154,11 +154,24 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    def layer_matmul_params(self) -> tuple[int, int]:
+        """(attention projections q/k/v/o, MLP gate/up/down) weight parameters of one layer.
+
+        >>> ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, d_ff=16, vocab_size=4, n_layers=1).layer_matmul_params()
+        (192, 384)
+        """
+        attn = self.d_model * self.resolved_head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        return attn, 3 * self.d_model * self.d_ff
+
+    def matmul_param_count(self) -> int:
+        """Parameters that multiply activations: every layer's projections and the LM head (a
+        matmul even when tied); the token embedding is a gather, not counted."""
+        return self.n_layers * sum(self.layer_matmul_params()) + self.vocab_size * self.d_model
+
     def param_count(self) -> int:
         """Number of parameters (embedding counted once when tied)."""
         hd = self.resolved_head_dim
-        attn = self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * self.d_model * self.d_ff
+        attn, mlp = self.layer_matmul_params()
         layer = attn + mlp + 2 * self.d_model + (hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0)
         layer += 2 * hd if self.qk_norm else 0
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
@@ -167,9 +180,7 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul params + causal attention (fwd+bwd)."""
         hd = self.resolved_head_dim
-        matmul_params = self.n_layers * (
-            self.d_model * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * self.d_model * self.d_ff
-        ) + self.vocab_size * self.d_model  # the LM head is a matmul even when tied
+        matmul_params = self.matmul_param_count()
         # QK^T and AV: 2 matmuls x 2 FLOPs x seq x heads x head_dim per token, forward; x3 for
         # fwd+bwd. Causal masking halves the useful work (the PaLM/MaxText convention counts it
         # at half).

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlearn.config import ModelConfig
@@ -35,3 +36,14 @@ def logits_of(model, params, tokens, positions, segment_ids):
     """`model.apply(...)`'s logits under jit. Eager Flax runs op by op (slow on 2 cores); this one
     jitted function is shared by the tests, so an equal model at the same shapes compiles once."""
     return model.apply({"params": params}, tokens, positions, segment_ids)[0]
+
+
+def reference_attention(q, k, v, mask):
+    """Plain softmax attention, GQA by repeating the key/value heads: the independent reference
+    the attention implementations are checked against. q [B, T, N, H], k/v [B, S, K, H], mask
+    [B, 1, T, S] boolean."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
+    logits = jnp.where(mask, logits, -1e30)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)

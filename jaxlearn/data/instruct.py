@@ -312,6 +312,28 @@ def chat_record_messages(record: Any, where: str) -> list[dict]:
     return out
 
 
+def prompt_messages(record: dict, where: str, replies: str) -> tuple[dict, ...]:
+    """The prompt of a record the model answers (preference, unpaired, RL prompt and candidate
+    files): `messages` ending with a user turn, or `prompt` (+ `system`). `replies` names what
+    answers it, for the error message. Errors name `where` and the fix.
+
+    >>> prompt_messages({"prompt": "Hi", "system": "Be brief."}, "x.jsonl:1", "'chosen'/'rejected'")
+    ({'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'})
+    """
+    if "messages" in record:
+        prompt = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
+                                      where)[:-1]
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: 'messages' must end with a user turn (the replies are {replies}).")
+        return tuple(prompt)
+    if not isinstance(record.get("prompt"), str) or not record["prompt"]:
+        raise DataError(f"{where}: 'prompt' must be a non-empty string (or give 'messages').")
+    prompt = [{"role": "user", "content": record["prompt"]}]
+    if isinstance(record.get("system"), str) and record["system"]:
+        prompt.insert(0, {"role": "system", "content": record["system"]})
+    return tuple(prompt)
+
+
 def chat_examples(paths: Sequence[str | os.PathLike]) -> list[Example]:
     """Read `.jsonl` (one record a line) and `.parquet` files of chat records (see
     `chat_record_messages`). The split key is the record's `id` if it has one, else its JSON.

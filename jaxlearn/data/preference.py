@@ -55,8 +55,8 @@ from jaxlearn.data.batching import per_shard_batch
 from jaxlearn.data.corpora import fetch_wordnet, stable_fraction
 from jaxlearn.data.errors import DataError
 from jaxlearn.data.formats import PREFERENCE_SOURCES, data_format
-from jaxlearn.data.instruct import (ROLES, _records, chat_record_messages, read_wordnet_synsets, split_of,
-                                    wordnet_antonyms, wordnet_definitions)
+from jaxlearn.data.instruct import (_records, prompt_messages, read_wordnet_synsets, split_of, wordnet_antonyms,
+                                    wordnet_definitions)
 from jaxlearn.data.sft import encode_example
 
 PAIR_FEATURES = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
@@ -178,7 +178,7 @@ def _record_pair(record: Any, where: str, fractions) -> PreferencePair:
     if missing or not ("prompt" in record or "messages" in record):
         raise DataError(f"{where}: a preference record needs 'prompt' (or 'messages') and non-empty 'chosen' and "
                         f"'rejected' strings; it has keys {sorted(record)}.")
-    prompt = _record_prompt(record, where, "'chosen'/'rejected'")
+    prompt = prompt_messages(record, where, "'chosen'/'rejected'")
     ref = None
     if "ref_chosen_logp" in record or "ref_rejected_logp" in record:
         try:
@@ -190,23 +190,6 @@ def _record_pair(record: Any, where: str, fractions) -> PreferencePair:
                                                               sort_keys=True)
     return PreferencePair(where, prompt, record["chosen"], record["rejected"],
                           split_of(f"pref:{key}", fractions), ref)
-
-
-def _record_prompt(record: dict, where: str, replies: str) -> tuple[dict, ...]:
-    """The prompt messages of a record: `messages` ending with a user turn, or `prompt` (+ `system`)."""
-    if "messages" in record:
-        prompt = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
-                                      where)[:-1]
-        if prompt[-1]["role"] != "user":
-            raise DataError(f"{where}: 'messages' must end with a user turn (the replies are {replies}).")
-    else:
-        if not isinstance(record.get("prompt"), str):
-            raise DataError(f"{where}: 'prompt' must be a string (or give 'messages').")
-        prompt = [{"role": "user", "content": record["prompt"]}]
-        if isinstance(record.get("system"), str) and record["system"]:
-            prompt.insert(0, {"role": "system", "content": record["system"]})
-    assert all(m["role"] in ROLES for m in prompt)
-    return tuple(prompt)
 
 
 # JSON true/false; 1/0 hash as True/False, so they are accepted too (a float label is refused).
@@ -247,7 +230,7 @@ def unpaired_examples(paths: Sequence[str | os.PathLike], eval_fraction: float) 
             if isinstance(key, float) or key not in _LABELS:  # 1.0 hashes as 1: refuse floats explicitly
                 raise DataError(f"{where}: 'label' is {label!r}; use true (desirable) or false (undesirable) "
                                 "(1/0 and \"desirable\"/\"undesirable\" also work).")
-            prompt = _record_prompt(record, where, "'completion'")
+            prompt = prompt_messages(record, where, "'completion'")
             ident = str(record["id"]) if "id" in record else json.dumps([prompt, record["completion"]], sort_keys=True)
             out.append(UnpairedExample(where, prompt, record["completion"], _LABELS[key] == 1.0,
                                        split_of(f"kto:{ident}", (1 - eval_fraction, half, half))))

@@ -35,7 +35,7 @@ import numpy as np
 from jaxlearn.data.batching import per_shard_batch
 from jaxlearn.data.corpora import stable_fraction
 from jaxlearn.data.errors import DataError
-from jaxlearn.data.instruct import _records, chat_record_messages, split_of, wordnet_antonyms
+from jaxlearn.data.instruct import _records, prompt_messages, split_of, wordnet_antonyms
 
 PROMPT_FEATURES = {"inputs": np.int32, "segment_ids": np.int32, "positions": np.int32}
 _SPLIT = {"train": "train", "eval": "validation", "validation": "validation", "test": "test"}
@@ -96,17 +96,7 @@ def _record_prompt(record: Any, where: str, fractions) -> PromptRecord:
     if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
         raise DataError(f"{where}: a prompt record must be a JSON object with 'prompt' (or 'messages') and optional "
                         f"'answers'; got {record!r:.80}.")
-    if "messages" in record:
-        msgs = chat_record_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]},
-                                    where)[:-1]
-        if msgs[-1]["role"] != "user":
-            raise DataError(f"{where}: 'messages' must end with a user turn (the model answers it).")
-    else:
-        if not isinstance(record["prompt"], str) or not record["prompt"]:
-            raise DataError(f"{where}: 'prompt' must be a non-empty string.")
-        msgs = [{"role": "user", "content": record["prompt"]}]
-        if isinstance(record.get("system"), str) and record["system"]:
-            msgs.insert(0, {"role": "system", "content": record["system"]})
+    msgs = prompt_messages(record, where, "the model's")
     answers = record.get("answers", [])
     if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: 'answers' must be a list of strings.")

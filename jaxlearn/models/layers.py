@@ -250,6 +250,14 @@ def fused_adapted_linear(x: jax.Array, kernel, adapters: dict, n_in: int, impl: 
     return _output_adapters(y, adapters)
 
 
+def _dividing_axes(shard: ShardingContext, logical: str, size: int):
+    """The mesh axes the logical axis `logical` maps to, for a shard_map spec of a dimension of
+    `size`; None (whole on every device) when it maps to none or they do not divide `size`."""
+    spec = logical_to_spec((logical,), shard.rules)[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return spec if names and size % math.prod(shard.mesh.shape[a] for a in names) == 0 else None
+
+
 def fused_on_mesh(shard: ShardingContext | None, x: jax.Array, kernel, adapters: dict, n_in: int, impl: str,
                   interpret: bool = False) -> jax.Array:
     """`fused_adapted_linear`, run per device under `shard_map` when `shard`'s mesh has more than
@@ -267,10 +275,7 @@ def fused_on_mesh(shard: ShardingContext | None, x: jax.Array, kernel, adapters:
     fused = functools.partial(fused_adapted_linear, n_in=n_in, impl=impl, interpret=interpret)
     if shard is None or shard.mesh.size == 1:
         return fused(x, kernel, adapters)
-    rows = logical_to_spec(("act_batch",), shard.rules)[0]
-    names = (rows,) if isinstance(rows, str) else tuple(rows or ())
-    if not names or x.shape[0] % math.prod(shard.mesh.shape[n] for n in names):
-        rows = None
+    rows = _dividing_axes(shard, "act_batch", x.shape[0])
     x_spec = P(rows)
     # A multi-adapter batch (jaxlearn/peft/multi.py) holds one adapter per example: its leading
     # dim goes with the batch rows; every other leaf is whole on each device.
@@ -550,13 +555,9 @@ def fused_attention_on_mesh(shard: ShardingContext | None, q_btnh: jax.Array, k_
     if shard is None or shard.mesh.size == 1:
         return fused(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs)
 
-    def axes(logical: str, size: int):
-        spec = logical_to_spec((logical,), shard.rules)[0]
-        names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-        return spec if names and size % math.prod(shard.mesh.shape[a] for a in names) == 0 else None
-
-    rows = axes("act_batch", q_btnh.shape[0])
-    heads, kv_heads = axes("act_heads", q_btnh.shape[2]), axes("act_kv_heads", k_bskh.shape[2])
+    rows = _dividing_axes(shard, "act_batch", q_btnh.shape[0])
+    heads = _dividing_axes(shard, "act_heads", q_btnh.shape[2])
+    kv_heads = _dividing_axes(shard, "act_kv_heads", k_bskh.shape[2])
     if heads != kv_heads:  # a device must hold whole groups of query heads with their K/V head
         heads = kv_heads = None
     qs, kvs, segs = P(rows, None, heads, None), P(rows, None, kv_heads, None), P(rows, None)

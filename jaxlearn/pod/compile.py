@@ -322,8 +322,7 @@ def flop_count(cfg: Config, topology: str, *, slices: int | None = None) -> Flop
 
 def _matmul_params(m: ModelConfig) -> tuple[int, int, int]:
     """(attention projections, MLP, MLP down) parameters of one layer."""
-    attn = m.d_model * m.resolved_head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
-    return attn, 3 * m.d_model * m.d_ff, m.d_model * m.d_ff
+    return (*m.layer_matmul_params(), m.d_model * m.d_ff)
 
 
 def expected_flops_per_token(cfg: Config, attention: str, trained: dict | None = None) -> dict[str, float]:
@@ -355,8 +354,7 @@ def expected_flops_per_token(cfg: Config, attention: str, trained: dict | None =
     """
     m, t = cfg.model, cfg.data.seq_len
     attn_p, mlp_p, down_p = _matmul_params(m)
-    head = m.vocab_size * m.d_model
-    n = m.n_layers * (attn_p + mlp_p) + head
+    n = m.matmul_param_count()
     if trained is None:
         trained = {"base": n, "adapters": 0, "embedding": True}
     weights = 4.0 * n + 2.0 * trained["base"] + 6.0 * trained["adapters"]
@@ -394,7 +392,7 @@ def flops_notes(cfg: Config, attention: str, parts: dict[str, float]) -> list[st
     """
     m, t = cfg.model, cfg.data.seq_len
     attn_p, mlp_p, down_p = _matmul_params(m)
-    n = m.n_layers * (attn_p + mlp_p) + m.vocab_size * m.d_model
+    n = m.matmul_param_count()
     causal = 3 * 4.0 * m.n_heads * m.resolved_head_dim * m.n_layers * t / 2
     out = []
     if attention not in ("dot_product_attention", "xla"):

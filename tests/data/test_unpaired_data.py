@@ -61,7 +61,7 @@ def test_records_are_read_and_bad_rows_name_file_line_and_fix(tmp_path):
                         ('{"prompt": "a", "completion": "b", "label": "maybe"}',
                          r"bad.jsonl:2: 'label' is 'maybe'; use true"),
                         ('{"prompt": "a", "completion": "b", "label": 0.5}', r"bad.jsonl:2: 'label' is 0.5"),
-                        ('{"completion": "b", "label": 1}', r"bad.jsonl:2: 'prompt' must be a string")]:
+                        ('{"completion": "b", "label": 1}', r"bad.jsonl:2: 'prompt' must be a non-empty string")]:
         bad.write_text('{"prompt": "a", "completion": "b", "label": 1}\n' + line + "\n")
         with pytest.raises(DataError, match=match):
             unpaired_examples([bad], 0.0)

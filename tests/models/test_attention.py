@@ -6,16 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import reference_attention
 from jaxlearn.models.layers import attend, attention_mask, grouped_attention
-
-
-def _reference(q, k, v, mask):
-    """Plain softmax attention with GQA by repeating the key/value heads."""
-    g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
-    logits = jnp.where(mask, logits, -1e30)
-    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
 def _qkv(t, s, n=4, kvh=2, h=8, seed=0):
@@ -40,7 +32,7 @@ CASES = [(name, n) for name, (_, causal) in _masks().items() for n in ((1, 4) if
 
 
 @pytest.mark.parametrize("name,n_blocks", CASES)
-def test_grouped_attention_matches_reference(name, n_blocks):
+def test_grouped_attention_matchesreference_attention(name, n_blocks):
     mask, _ = _masks()[name]
     q, k, v = _qkv(16, mask.shape[-1])
 
@@ -50,7 +42,7 @@ def test_grouped_attention_matches_reference(name, n_blocks):
 
     ours = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b: grouped_attention(*b, mask, n_blocks), *a),
                               argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    ref = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b: _reference(*b, mask), *a),
+    ref = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b: reference_attention(*b, mask), *a),
                              argnums=(0, 1, 2), has_aux=True))(q, k, v)
     np.testing.assert_allclose(ours[0][1], ref[0][1], atol=2e-5)
     for a, b in zip(ours[1], ref[1]):

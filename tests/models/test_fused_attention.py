@@ -15,22 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_batch, tiny_model_config
+from helpers import random_batch, reference_attention, tiny_model_config
 from jaxlearn.config import MeshConfig
 from jaxlearn.models.layers import attend, attention_mask, fused_attention
 from jaxlearn.models.transformer import Transformer, init_params
 from jaxlearn.sharding import ShardingContext, make_mesh, rules_for
 
 KERNELS = ("splash", "flash_gpu")
-
-
-def _reference(q, k, v, mask):
-    """Plain softmax attention, GQA by repeating K/V heads; independent of the project's code."""
-    g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
-    logits = jnp.where(mask, logits, -1e30)
-    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
 def _packed(t: int) -> jax.Array:
@@ -55,12 +46,12 @@ def test_kernel_matches_reference_values_and_gradients(impl, n, kvh):
         return out, vjp(w)
 
     out, grads = run(lambda q, k, v: fused_attention(q, k, v, seg, seg, impl, interpret=True))
-    ref, ref_grads = run(lambda q, k, v: _reference(q, k, v, mask))
+    ref, ref_grads = run(lambda q, k, v: reference_attention(q, k, v, mask))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
     for name, g, r in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
     # the mask matters: a kernel that ignored the segments would differ from this
-    unpacked = _reference(q, k, v, mask[1:2].repeat(2, 0))
+    unpacked = reference_attention(q, k, v, mask[1:2].repeat(2, 0))
     assert not np.allclose(out[0], unpacked[0], atol=1e-3)
 
 
@@ -88,7 +79,8 @@ def test_model_with_kernel_equals_xla_path(impl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), grads, ref_grads)
 
 
-@pytest.mark.parametrize("mc", [MeshConfig(preset="fsdp"), MeshConfig(preset="fsdp_tp", tensor=2)], ids=["fsdp", "fsdp_tp"])
+@pytest.mark.parametrize("mc", [MeshConfig(preset="fsdp"), MeshConfig(preset="fsdp_tp", tensor=2)],
+                         ids=["fsdp", "fsdp_tp"])
 def test_splash_per_device_on_a_mesh_equals_unsharded(mc):
     """8 CPU devices: under fsdp the batch rows split 8 ways; under fsdp_tp 4 ways and the
     heads 2 ways (each device: one K/V head with its two query heads). shard_map's per-device
